@@ -1,0 +1,376 @@
+"""CIFAR-10 as uint8 NHWC arrays, seeded batches and flips, and a prefetching loader.
+
+`load_images` reads one of several on-disk forms (or the Hugging Face hub) into a uint8
+[N, H, W, C] array; `batch_indices` says which images, and which flips, make up global batch
+`step`, as a pure function of its arguments, so a resumed run sees exactly the batches it
+would have seen; `BatchLoader` turns those into float32 [steps, b, c, h, w] in [-1, 1] on a
+background thread. NHWC exists only here: everything downstream sees `c h w`.
+"""
+
+import functools
+import os
+import pickle
+import queue
+import tarfile
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HF_CIFAR10 = "uoft-cs/cifar10"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+SOURCE_HELP = (
+    "pass --config.data.source PATH with a cifar-10-batches-py folder (or its parent), "
+    "cifar-10-python.tar.gz, an .npz of uint8 NHWC images, a folder of image files, "
+    "a datasets save_to_disk folder, or hf:<name>"
+)
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_images(
+    source: str | os.PathLike | None, *, split: str = "train", image_size: int = 32, channels: int = 3
+) -> np.ndarray:
+    """uint8 [N, H, W, C] from the hub (None, "cifar10", "hf:<name>") or a path; labels ignored."""
+    text = "" if source is None else str(source)
+    if text in ("", "cifar10") or text.startswith("hf:"):
+        hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
+        images, name = _from_hub(hub_name, split, channels), f"hf:{hub_name}"
+    else:
+        images, name = _from_path(Path(text).expanduser(), split, image_size, channels), text
+    return validate_images(images, image_size=image_size, channels=channels, name=name)
+
+
+def _from_hub(name: str, split: str, channels: int) -> np.ndarray:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 (offline, unknown name, no such split: all end here)
+        what = "CIFAR-10" if name == HF_CIFAR10 else repr(name)
+        cause = (str(exc).splitlines() or [""])[0][:160]
+        raise DataError(
+            f"could not download {what} from the Hugging Face hub (offline? {type(exc).__name__}: {cause}); "
+            + SOURCE_HELP
+        ) from None
+    return _from_hf_dataset(ds, split, channels, f"hf:{name}")
+
+
+def _from_path(path: Path, split: str, image_size: int, channels: int) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"data source {str(path)!r} does not exist; " + SOURCE_HELP)
+    if path.is_file():
+        if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return _from_cifar_tar(path, split)
+        if path.suffix == ".npz":
+            return _from_npz(path, channels)
+        raise DataError(f"data source {str(path)!r} is a file of unknown type; " + SOURCE_HELP)
+    if (path / "cifar-10-batches-py").is_dir():
+        path = path / "cifar-10-batches-py"
+    elif (path / "cifar-10-python.tar.gz").is_file():
+        return _from_cifar_tar(path / "cifar-10-python.tar.gz", split)
+    if any((path / f).is_file() for files in CIFAR_SPLITS.values() for f in files):
+        available = {p.name: p for p in path.iterdir() if p.is_file()}
+        chosen = _cifar_files(available, split, str(path))
+        return np.concatenate([_decode_cifar_batch(available[f].read_bytes(), f) for f in chosen])
+    if any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        import datasets
+
+        return _from_hf_dataset(datasets.load_from_disk(str(path)), split, channels, str(path))
+    return _from_image_folder(path, image_size, channels)
+
+
+def _cifar_files(available: dict, split: str, where: str) -> list[str]:
+    """The batch files of `split`, or of the other split (with a warning) if only those exist."""
+    if split not in CIFAR_SPLITS:
+        raise DataError(f"{where}: split {split!r} is not one of {sorted(CIFAR_SPLITS)}")
+    chosen = [f for f in CIFAR_SPLITS[split] if f in available]
+    if not chosen:
+        other = "test" if split == "train" else "train"
+        chosen = [f for f in CIFAR_SPLITS[other] if f in available]
+        if not chosen:
+            raise DataError(f"{where}: no CIFAR-10 batch files (data_batch_1..5, test_batch); " + SOURCE_HELP)
+        warnings.warn(f"{where}: no {split} batches, using the {other} split ({', '.join(chosen)})", stacklevel=4)
+    return chosen
+
+
+def _decode_cifar_batch(raw: bytes, name: str) -> np.ndarray:
+    """One official python batch: rows of 3072 bytes, the R, G, B 32×32 planes in turn."""
+    batch = pickle.loads(raw, encoding="bytes")  # the official format is a pickle; only load trusted files
+    data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
+    if data is None or np.asarray(data).size % 3072:
+        raise DataError(f"{name}: not a CIFAR-10 python batch (no 'data' of 3072-byte rows)")
+    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _from_cifar_tar(path: Path, split: str) -> np.ndarray:
+    with tarfile.open(path, "r:*") as tar:
+        members = {}
+        for member in tar.getmembers():
+            if member.isfile():
+                members.setdefault(Path(member.name).name, member)
+        chosen = _cifar_files(members, split, str(path))
+        return np.concatenate([_decode_cifar_batch(tar.extractfile(members[f]).read(), f) for f in chosen])
+
+
+def _from_npz(path: Path, channels: int) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as npz:
+        if not npz.files:
+            raise DataError(f"{path}: the .npz holds no arrays")
+        images = npz["images" if "images" in npz.files else npz.files[0]]
+    if images.ndim == 3 and channels == 1:
+        images = images[..., None]
+    if images.ndim == 4 and images.shape[-1] != channels and images.shape[1] == channels:
+        images = images.transpose(0, 2, 3, 1)  # NCHW
+    return images
+
+
+def _pil_to_array(image, channels: int) -> np.ndarray:
+    if channels not in PIL_MODES:
+        raise DataError(f"cannot decode images to {channels} channels (1, 3 or 4)")
+    return np.asarray(image.convert(PIL_MODES[channels]), dtype=np.uint8).reshape(*image.size[::-1], channels)
+
+
+def _from_image_folder(path: Path, image_size: int, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{path}: no CIFAR-10 batches, dataset or image files (png/jpg/jpeg/bmp/webp); " + SOURCE_HELP)
+    images = np.empty((len(files), image_size, image_size, channels), np.uint8)
+    for i, file in enumerate(files):
+        with Image.open(file) as image:
+            if image.size != (image_size, image_size):
+                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}")
+            images[i] = _pil_to_array(image, channels)
+    return images
+
+
+def _from_hf_dataset(ds, split: str, channels: int, where: str) -> np.ndarray:
+    """A `datasets.Dataset` (or DatasetDict) -> uint8 NHWC, from its "img"/"image"/first Image column."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            if len(ds) != 1:
+                raise DataError(f"{where}: no split {split!r} (has {', '.join(ds)})")
+            warnings.warn(f"{where}: no {split} split, using {next(iter(ds))!r}", stacklevel=4)
+        ds = ds[split] if split in ds else next(iter(ds.values()))
+    image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    column = next((c for c in ("img", "image") if c in ds.column_names), None) or next(iter(image_columns), None)
+    if column is None:
+        raise DataError(f"{where}: no image column ('img', 'image' or an Image feature) in {ds.column_names}")
+    is_image = column in image_columns
+    ds = ds.select_columns([column])
+    ds = ds if is_image else ds.with_format("numpy")
+    chunks = []
+    for batch in ds.iter(batch_size=1024):
+        if is_image:
+            try:
+                chunks.append(np.stack([_pil_to_array(image, channels) for image in batch[column]]))
+            except ValueError:
+                raise DataError(f"{where}: images in column {column!r} differ in size") from None
+        else:
+            chunk = np.asarray(batch[column])
+            # the numpy formatter widens uint8 features to int64; narrow them back when lossless
+            if np.issubdtype(chunk.dtype, np.integer) and chunk.size and 0 <= chunk.min() and chunk.max() <= 255:
+                chunk = chunk.astype(np.uint8)
+            chunks.append(chunk)
+    return np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
+
+
+def validate_images(images: np.ndarray, *, image_size: int, channels: int, name: str = "dataset") -> np.ndarray:
+    """The array as C-contiguous uint8 [N, image_size, image_size, channels], or a one-line DataError."""
+    images = np.asarray(images)
+    if images.size == 0:
+        raise DataError(f"{name}: no images (array of shape {images.shape})")
+    if images.ndim != 4:
+        raise DataError(f"{name}: expected a 4-d [N, H, W, C] array, got shape {images.shape}")
+    if np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{name}: values must be uint8 0..255, got {images.dtype} (scale and cast to uint8 first)")
+    if images.dtype != np.uint8:
+        raise DataError(f"{name}: dtype must be uint8 (0..255), got {images.dtype}")
+    if images.shape[1:3] != (image_size, image_size):
+        raise DataError(f"{name}: images are {images.shape[1]}x{images.shape[2]}, expected {image_size}x{image_size}")
+    if images.shape[3] != channels:
+        raise DataError(f"{name}: images have {images.shape[3]} channels, expected {channels} (shape {images.shape})")
+    return np.ascontiguousarray(images)
+
+
+def synthetic_images(num: int, *, image_size: int = 32, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A deterministic toy set: a smooth two-colour gradient with up to three discs or squares on it.
+
+    Drawn in blocks of 1024 from default_rng([seed, block]), so image i does not depend on `num`.
+    """
+    yy, xx = (np.mgrid[:image_size, :image_size] + 0.5 - image_size / 2).astype(np.float32)
+    out = np.empty((num, image_size, image_size, channels), np.uint8)
+    for block, lo in enumerate(range(0, num, 1024)):
+        rng, n = np.random.default_rng([seed, block]), min(1024, num - lo)
+        draws = [  # all 1024 of a block are drawn; only the first n are drawn on
+            rng.random((1024, 2, channels), np.float32),  # gradient end colours
+            rng.uniform(0, 2 * np.pi, 1024).astype(np.float32),  # gradient direction
+            rng.random((1024, 3)) < 0.7,  # shape k present
+            rng.random((1024, 3)) < 0.5,  # disc, else square
+            (rng.uniform(-0.35, 0.35, (1024, 3, 2)) * image_size).astype(np.float32),  # centre (y, x)
+            (rng.uniform(0.08, 0.22, (1024, 3)) * image_size).astype(np.float32),  # radius
+            rng.random((1024, 3, channels), np.float32),  # fill colour
+        ]
+        colours, angle, shown, is_disc, centre, radius, fill = (d[:n, None, None] for d in draws)
+        t = np.clip((xx * np.cos(angle) + yy * np.sin(angle)) / image_size + 0.5, 0, 1)[..., None]
+        image = colours[..., 0, :] * (1 - t) + colours[..., 1, :] * t
+        for k in range(3):
+            dy, dx, r = yy - centre[..., k, 0], xx - centre[..., k, 1], radius[..., k]
+            inside = np.where(is_disc[..., k], dx**2 + dy**2 <= r**2, np.maximum(abs(dx), abs(dy)) <= 0.8 * r)
+            image = np.where((inside & shown[..., k])[..., None], fill[..., k, :], image)
+        out[lo : lo + n] = np.round(image * 255)
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Epoch `epoch`'s permutation and its per-position flips, both drawn from default_rng([seed, epoch])."""
+    rng = np.random.default_rng([seed, epoch])
+    order, flips = rng.permutation(num_images), rng.random(num_images) < 0.5
+    order.flags.writeable = flips.flags.writeable = False
+    return order, flips
+
+
+def batch_indices(step: int, *, batch_size: int, num_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image indices, flip flags) of global batch `step`: example g = step·B + j sits at position
+    g mod N of epoch g // N, whose order is default_rng([seed, epoch]).permutation(N)."""
+    if step < 0 or batch_size <= 0 or num_images <= 0 or seed < 0:
+        raise DataError(
+            f"batch_indices needs step, seed >= 0 and batch_size, num_images > 0, got {step}, {seed}, "
+            f"{batch_size}, {num_images}"
+        )
+    epoch, position = np.divmod(step * batch_size + np.arange(batch_size), num_images)
+    indices, flips = np.empty(batch_size, np.int64), np.empty(batch_size, bool)
+    for e in range(int(epoch[0]), int(epoch[-1]) + 1):
+        rows = epoch == e
+        order, flip = _epoch_order(seed, e, num_images)
+        indices[rows], flips[rows] = order[position[rows]], flip[position[rows]]
+    return indices, flips
+
+
+def to_model_range(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, C] -> float32 [..., C, H, W] in [-1, 1], as x/127.5 − 1."""
+    out = np.moveaxis(images_u8, -1, -3).astype(np.float32, order="C")
+    out /= 127.5
+    out -= 1.0
+    return out
+
+
+class _WorkerError:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class BatchLoader:
+    """Endless iterator of float32 [steps_per_call, batch_size/process_count, C, H, W] in [-1, 1].
+
+    Item k covers global steps start_step + k·steps_per_call + s, s < steps_per_call; process p
+    takes rows [p·b, (p+1)·b) of each global batch, b = batch_size/process_count. A daemon thread
+    keeps `prefetch` items ready; `close()` (or leaving a `with` block) stops it, and an exception
+    in that thread is raised by the next `next()`.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        steps_per_call: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+    ):
+        if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+            raise DataError(f"BatchLoader needs non-empty uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
+        if process_count < 1 or batch_size < 1 or batch_size % process_count:
+            raise DataError(f"batch_size {batch_size} must be a positive multiple of the process count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} is outside [0, {process_count})")
+        if steps_per_call < 1 or prefetch < 1 or start_step < 0:
+            raise DataError("BatchLoader needs steps_per_call >= 1, prefetch >= 1 and start_step >= 0")
+        self._images, self._batch_size, self._seed = np.ascontiguousarray(images), batch_size, seed
+        self._start_step, self._steps_per_call = start_step, steps_per_call
+        local = batch_size // process_count
+        self._rows = slice(process_index * local, (process_index + 1) * local)
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="scgcm-BatchLoader", daemon=True)
+        self._thread.start()
+
+    def _make(self, call: int) -> np.ndarray:
+        """Item `call`: global steps start_step + call·steps_per_call + s, this process's rows."""
+        first, n = self._start_step + call * self._steps_per_call, len(self._images)
+        picks = [
+            batch_indices(first + s, batch_size=self._batch_size, num_images=n, seed=self._seed)
+            for s in range(self._steps_per_call)
+        ]
+        indices = np.concatenate([i[self._rows] for i, _ in picks])
+        flips = np.concatenate([f[self._rows] for _, f in picks])
+        batch = self._images[indices]  # one vectorised gather: [steps·b, H, W, C]
+        batch[flips] = batch[flips, :, ::-1]  # mirror left-right
+        out = to_model_range(batch)
+        return out.reshape(self._steps_per_call, -1, *out.shape[1:])
+
+    def _work(self):
+        try:
+            call = 0
+            while not self._stop.is_set():
+                self._put(self._make(call))
+                call += 1
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            self._put(_WorkerError(exc))
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                return self._queue.put(item, timeout=0.05)
+            except queue.Full:
+                pass
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        while True:
+            if self._stop.is_set():
+                raise StopIteration
+            try:
+                item = self._queue.get(timeout=0.05)
+                break
+            except queue.Empty:
+                pass
+        if isinstance(item, _WorkerError):
+            self.close()
+            raise item.exc
+        return item
+
+    def close(self):
+        """Stop the worker and wait for it; safe to call twice."""
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
