@@ -1,0 +1,301 @@
+"""Run configuration: frozen tyro dataclasses whose defaults are the paper's run (method.md §6).
+
+Each field's docstring is its `--help` text. The configs stop at the CLI: `build_*` functions
+unpack them into constructor arguments, so no module below sees a config object.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jax.random as jr
+
+from scgcm.head import ScoreHead
+from scgcm.ict import ICTSchedule
+from scgcm.losses import HuberForm, JointLoss, Variant, default_huber_c
+from scgcm.model import SCGCM
+from scgcm.torso import NCSNpp
+
+Preset = Literal["paper", "smoke"]
+
+
+@dataclass(frozen=True)
+class TorsoConfig:
+    nf: int = 128
+    """Base channel count of NCSN++."""
+    ch_mult: tuple[int, ...] = (2, 2, 2)
+    """Channel multiplier per resolution level."""
+    num_res_blocks: int = 4
+    """Residual blocks per level on the way down."""
+    attn_resolutions: tuple[int, ...] = (16,)
+    """Resolutions with self-attention."""
+    dropout: float = 0.3
+    """Dropout rate in the residual blocks."""
+    fourier_scale: float = 0.02
+    """Std of the frozen Gaussian-Fourier weights."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    model_channels: int = 128
+    """Base channel count of the score head's UNet."""
+    channel_mult: tuple[int, ...] = (2, 2, 2)
+    """Channel multiplier per level of the head."""
+    num_blocks: int = 1
+    """UNet blocks per level of the head."""
+    attn_levels: tuple[int, ...] = (1,)
+    """Levels of the head with attention."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    torso: TorsoConfig = field(default_factory=TorsoConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    image_size: int = 32
+    """Image height and width."""
+    channels: int = 3
+    """Image channels."""
+    sigma_min: float = 0.002
+    """Smallest noise level (boundary condition)."""
+    sigma_max: float = 80.0
+    """Largest noise level."""
+    sigma_data: float = 0.5
+    """Data standard deviation in the preconditioning."""
+    noise_scale: float = 1.0
+    """c_noise = noise_scale·ln(σ)/4. Reference 1 (quirk Q2); CM/iCT code 1000."""
+
+
+@dataclass(frozen=True)
+class ICTConfig:
+    s0: int = 10
+    """Initial number of discretisation steps."""
+    s1: int = 1280
+    """Final number of discretisation steps."""
+    rho: float = 7.0
+    """Karras grid exponent."""
+    p_mean: float = -1.1
+    """Mean of the discrete lognormal over ln σ."""
+    p_std: float = 2.0
+    """Std of the discrete lognormal over ln σ."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    huber_form: HuberForm = "elementwise"
+    """Pseudo-Huber over pixels ('elementwise', reference, quirk Q1) or over the image ('per_image', iCT)."""
+    huber_c: float | None = None
+    """Pseudo-Huber c; None = the form's published value (0.003, or 0.00054·sqrt(dim) for per_image)."""
+    dsm_weight: float = 0.3
+    """Weight of the head's denoising score-matching loss."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    torso_lr: float = 1e-4
+    """RAdam learning rate of the torso."""
+    head_lr: float = 1e-4
+    """RAdam learning rate of the head."""
+    ema_decay: float = 0.99993
+    """EMA rate of torso and head (used for sampling only)."""
+    ema_copy_steps: int = 2
+    """The EMA copies the weights for updates 1..ema_copy_steps (reference rule)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str | None = None
+    """CIFAR-10 via Hugging Face (None), or a path: python batches folder, cifar-10-python.tar.gz, .npz, image folder, saved dataset. 'synthetic' makes a toy set."""
+    split: str = "train"
+    """Dataset split."""
+    synthetic_size: int = 2048
+    """Number of images when source is 'synthetic'."""
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampling_step: int = 1000
+    """Write sample grids every this many updates."""
+    grid_size: int = 64
+    """Images per sample grid."""
+    two_step_sigma: float = 0.661
+    """Intermediate σ of two-step sampling (reference 0.661, iCT 0.821; quirk Q6)."""
+    heun_steps: int = 18
+    """Noise levels of EDM's Heun sampler through the score head."""
+    batch_size: int = 256
+    """Sampling batch size (global)."""
+    final_sampling: bool = True
+    """After training, sample `final_num` one-step images (and FID them if enabled)."""
+    final_num: int = 50_000
+    """Number of images of the final sampling."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    variant: Variant = "score"
+    """'score': the head's gradient reaches the torso; 'vanilla': plain iCT (the head is a passive probe)."""
+    preset: Preset = "paper"
+    """Defaults to start from: 'paper' (the method's run) or 'smoke' (tiny model, CPU, minutes)."""
+    workdir: str = "runs/score"
+    """Run directory; an existing one is resumed from its latest checkpoint."""
+    seed: int = 42
+    """Seed of initialisation and of all training randomness."""
+    total_steps: int = 400_000
+    """Number of optimizer updates (K of the curriculum)."""
+    batch_size: int = 1024
+    """Global batch per update, over all devices and hosts."""
+    steps_per_call: int = 4
+    """Updates per jitted call (a lax.scan)."""
+    saving_step: int = 10_000
+    """Checkpoint (and FID) every this many updates."""
+    keep_checkpoints: int = 3
+    """Latest checkpoints kept."""
+    stop_at: int | None = None
+    """Stop (with a checkpoint) after this many updates without changing the schedule; resume later."""
+    log_every: int = 100
+    """Append metrics to metrics.jsonl every this many updates."""
+    grad_accum: int = 1
+    """Micro-batches per update (gradient accumulation); the update equals the full batch's."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the networks' compute; parameters, optimizer state, EMA and loss reductions stay float32."""
+    remat: bool = False
+    """Rematerialise torso blocks in the backward pass (less memory, more compute)."""
+    skip_nonfinite: bool = False
+    """Skip (and count) updates with a non-finite loss or gradient instead of stopping."""
+    tensorboard: bool = False
+    """Also log scalars to TensorBoard (needs tensorboardX)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs wandb)."""
+    coordinator: str | None = None
+    """Multi-host: coordinator address host:port for jax.distributed (else the usual environment variables)."""
+    num_processes: int | None = None
+    """Multi-host: number of processes."""
+    process_id: int | None = None
+    """Multi-host: index of this process."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ict: ICTConfig = field(default_factory=ICTConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SMOKE = TrainConfig(
+    preset="smoke",
+    workdir="runs/smoke",
+    total_steps=200,
+    batch_size=16,
+    steps_per_call=4,
+    saving_step=100,
+    log_every=20,
+    model=ModelConfig(
+        torso=TorsoConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,)),
+        head=HeadConfig(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=(1,)),
+    ),
+    ict=ICTConfig(s0=10, s1=40),
+    optim=OptimConfig(torso_lr=2e-4, head_lr=2e-4, ema_decay=0.99),
+    data=DataConfig(source="synthetic", synthetic_size=512),
+    sample=SampleConfig(sampling_step=100, grid_size=16, batch_size=16, heun_steps=6, final_num=64),
+)
+
+PRESETS: dict[str, TrainConfig] = {"paper": TrainConfig(), "smoke": SMOKE}
+
+
+def build_model(cfg: ModelConfig, *, key) -> SCGCM:
+    torso_key, head_key = jr.split(key)
+    t = cfg.torso
+    torso = NCSNpp(
+        in_channels=cfg.channels,
+        nf=t.nf,
+        ch_mult=t.ch_mult,
+        num_res_blocks=t.num_res_blocks,
+        attn_resolutions=t.attn_resolutions,
+        image_size=cfg.image_size,
+        dropout=t.dropout,
+        fourier_scale=t.fourier_scale,
+        key=torso_key,
+    )
+    h = cfg.head
+    head = ScoreHead(
+        image_channels=cfg.channels,
+        feature_channels=torso.feature_channels,
+        temb_dim=torso.temb_dim,
+        model_channels=h.model_channels,
+        channel_mult=h.channel_mult,
+        num_blocks=h.num_blocks,
+        attn_levels=h.attn_levels,
+        key=head_key,
+    )
+    return SCGCM(torso, head, sigma_min=cfg.sigma_min, sigma_data=cfg.sigma_data, noise_scale=cfg.noise_scale)
+
+
+def build_schedule(cfg: TrainConfig) -> ICTSchedule:
+    m, i = cfg.model, cfg.ict
+    return ICTSchedule(m.sigma_min, m.sigma_max, i.rho, i.s0, i.s1, cfg.total_steps, i.p_mean, i.p_std)
+
+
+def build_loss(cfg: TrainConfig) -> JointLoss:
+    dim = cfg.model.channels * cfg.model.image_size**2
+    c = cfg.loss.huber_c if cfg.loss.huber_c is not None else default_huber_c(cfg.loss.huber_form, dim)
+    return JointLoss(cfg.variant, cfg.loss.huber_form, c, cfg.loss.dsm_weight)
+
+
+def with_variant_workdir(cfg: TrainConfig) -> TrainConfig:
+    """The default workdir follows the variant (runs/score, runs/vanilla, runs/smoke-vanilla…)."""
+    default = PRESETS[cfg.preset].workdir
+    if cfg.workdir == default and cfg.variant != "score":
+        return dataclasses.replace(cfg, workdir=f"{default}-{cfg.variant}" if cfg.preset != "paper" else f"runs/{cfg.variant}")
+    return cfg
+
+
+def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
+    """Every problem with the configuration, one line each naming the field (checked before any compile)."""
+    errors = []
+    positive = {
+        "total_steps": cfg.total_steps, "batch_size": cfg.batch_size, "steps_per_call": cfg.steps_per_call,
+        "saving_step": cfg.saving_step, "keep_checkpoints": cfg.keep_checkpoints, "log_every": cfg.log_every,
+        "grad_accum": cfg.grad_accum, "optim.torso_lr": cfg.optim.torso_lr, "optim.head_lr": cfg.optim.head_lr,
+        "ict.s0": cfg.ict.s0, "ict.s1": cfg.ict.s1, "ict.p_std": cfg.ict.p_std, "ict.rho": cfg.ict.rho,
+        "model.sigma_min": cfg.model.sigma_min, "model.sigma_data": cfg.model.sigma_data,
+        "model.image_size": cfg.model.image_size, "model.channels": cfg.model.channels,
+        "model.torso.nf": cfg.model.torso.nf, "model.head.model_channels": cfg.model.head.model_channels,
+        "sample.sampling_step": cfg.sample.sampling_step, "sample.batch_size": cfg.sample.batch_size,
+        "sample.grid_size": cfg.sample.grid_size, "sample.heun_steps": cfg.sample.heun_steps,
+        "sample.final_num": cfg.sample.final_num, "data.synthetic_size": cfg.data.synthetic_size,
+        "loss.dsm_weight": cfg.loss.dsm_weight,
+    }
+    errors += [f"--config.{k.replace('_', '-')} must be positive (got {v})" for k, v in positive.items() if not v > 0]
+    if cfg.stop_at is not None and cfg.stop_at <= 0:
+        errors.append(f"--config.stop-at must be positive (got {cfg.stop_at})")
+    shards = num_devices * cfg.grad_accum
+    if cfg.batch_size > 0 and cfg.grad_accum > 0 and cfg.batch_size % shards:
+        errors.append(f"--config.batch-size {cfg.batch_size} must be divisible by devices × grad-accum = "
+                      f"{num_devices} × {cfg.grad_accum} = {shards}")
+    if cfg.ict.s0 > cfg.ict.s1:
+        errors.append(f"--config.ict.s0 ({cfg.ict.s0}) must not exceed --config.ict.s1 ({cfg.ict.s1})")
+    if not cfg.model.sigma_min < cfg.model.sigma_max:
+        errors.append(f"--config.model.sigma-min ({cfg.model.sigma_min}) must be below --config.model.sigma-max ({cfg.model.sigma_max})")
+    if not cfg.model.sigma_min < cfg.sample.two_step_sigma < cfg.model.sigma_max:
+        errors.append(f"--config.sample.two-step-sigma ({cfg.sample.two_step_sigma}) must lie between sigma-min and sigma-max")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        errors.append(f"--config.optim.ema-decay must be in [0, 1) (got {cfg.optim.ema_decay})")
+    if not 0 <= cfg.model.torso.dropout < 1:
+        errors.append(f"--config.model.torso.dropout must be in [0, 1) (got {cfg.model.torso.dropout})")
+    if cfg.loss.huber_c is not None and cfg.loss.huber_c <= 0:
+        errors.append(f"--config.loss.huber-c must be positive (got {cfg.loss.huber_c})")
+    if cfg.model.image_size > 0 and cfg.model.image_size % 2 ** (len(cfg.model.torso.ch_mult) - 1):
+        errors.append(f"--config.model.image-size {cfg.model.image_size} must be divisible by 2^(levels-1)")
+    errors += _workdir_errors(cfg.workdir)
+    return errors
+
+
+def _workdir_errors(workdir: str) -> list[str]:
+    import os
+    from pathlib import Path
+
+    path = Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"--config.workdir {workdir}: {existing} is not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--config.workdir {workdir}: {existing} is not writable"]
+    return []

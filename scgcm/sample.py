@@ -1,0 +1,129 @@
+"""`python -m scgcm.sample --workdir DIR [--mode onestep|twostep|multistep|heun] [--num N] [--out FILE.npz]`
+
+Loads a checkpoint of a run (the latest, the best by FID of a mode, or a given step), takes its EMA
+weights (or the raw ones with --no-ema), and writes uint8 images [N, h, w, c] to an .npz, a PNG grid
+and optionally a folder of PNGs. Image i depends only on (seed, i).
+"""
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax.random as jr
+import numpy as np
+import tyro
+from PIL import Image
+
+from scgcm.checkpoint import Checkpointer
+from scgcm.config import TrainConfig, build_model
+from scgcm.generate import Mode, generate, make_sampler
+from scgcm.rundir import save_grid
+from scgcm.state import TrainState, init_state, make_optimizer
+
+
+@dataclass(frozen=True)
+class SampleArgs:
+    workdir: str
+    """Run directory written by scgcm.train."""
+    checkpoint: str = "latest"
+    """'latest', 'best' (lowest FID of --mode; 'best_onestep' etc. names a mode) or a step number."""
+    ema: bool = True
+    """Use the EMA weights (--no-ema for the raw ones)."""
+    mode: Mode = "onestep"
+    """Sampler: one consistency step, two steps, several steps through --sigmas, or EDM Heun through the score head."""
+    two_step_sigma: float | None = None
+    """Intermediate σ of two-step sampling (default: the run's, reference 0.661; iCT 0.821)."""
+    sigmas: tuple[float, ...] = (80.0, 0.661)
+    """Decreasing σ levels of multistep sampling."""
+    heun_steps: int | None = None
+    """Noise levels of the Heun sampler (default: the run's, 18)."""
+    num: int = 64
+    """Number of images."""
+    batch_size: int = 256
+    """Images per device batch (global)."""
+    seed: int = 0
+    """Seed: image i comes from fold_in(key(seed), i)."""
+    out: str | None = None
+    """.npz of uint8 images [N, h, w, c] (default: DIR/samples/<mode>_<step>_seed<seed>.npz)."""
+    png_dir: str | None = None
+    """Also write each image as a PNG into this folder."""
+    grid: str | None = None
+    """PNG grid of the first 64 images (default: next to --out)."""
+
+
+def _from_dict(cls, values: dict):
+    """Rebuild a (nested) config dataclass from its asdict() form; lists become tuples."""
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, t = values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(t):
+            v = _from_dict(t, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def load_run_config(workdir: Path) -> TrainConfig:
+    path = workdir / "config.json"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found: --workdir must be a run directory written by scgcm.train")
+    return _from_dict(TrainConfig, json.loads(path.read_text())["config"])
+
+
+def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    skeleton = eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k), jr.key(0))
+    ckpt = Checkpointer(workdir / "checkpoints")
+    if checkpoint.isdigit():
+        restored = ckpt.restore(skeleton, step=int(checkpoint))
+    elif checkpoint.startswith("best"):
+        which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
+        restored = ckpt.restore(skeleton, which=which)
+    elif checkpoint == "latest":
+        restored = ckpt.restore(skeleton)
+    else:
+        raise SystemExit(f"error: --checkpoint must be 'latest', 'best', 'best_<mode>' or a step, not {checkpoint!r}")
+    ckpt.close()
+    if restored is None:
+        raise SystemExit(f"error: no {checkpoint} checkpoint in {workdir / 'checkpoints'}")
+    return restored
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+    workdir = Path(args.workdir)
+    cfg = load_run_config(workdir)
+    state, step = load_state(workdir, cfg, args.checkpoint, args.mode)
+    model = state.ema if args.ema else state.model
+    m = cfg.model
+    sampler = make_sampler(
+        args.mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+        two_step_sigma=args.two_step_sigma or cfg.sample.two_step_sigma, sigmas=args.sigmas,
+        heun_steps=args.heun_steps or cfg.sample.heun_steps,
+    )
+    images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
+
+    out = Path(args.out) if args.out else workdir / "samples" / f"{args.mode}_{step:07d}_seed{args.seed}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=images)
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+    save_grid(images[:64], grid)
+    if args.png_dir:
+        folder = Path(args.png_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
+    print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

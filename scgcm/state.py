@@ -1,0 +1,46 @@
+"""Training state: model, EMA, optimizer state, step counter and the run's key.
+
+`step` is the one counter: the number of completed optimizer updates. The curriculum reads it
+before an update (0 at the first), the EMA rule after it (1 at the first update).
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree
+
+from scgcm.model import SCGCM, split_trainable
+
+
+class TrainState(eqx.Module):
+    model: SCGCM
+    ema: SCGCM
+    opt_state: PyTree
+    step: Int[Array, ""]
+    key: PRNGKeyArray
+
+
+def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformation:
+    """RAdam (optax defaults) on torso and head, each with its own rate, no clipping, no decay."""
+
+    def labels(params: SCGCM) -> SCGCM:
+        return eqx.tree_at(
+            lambda m: (m.torso, m.head),
+            params,
+            (jax.tree_util.tree_map(lambda _: "torso", params.torso), jax.tree_util.tree_map(lambda _: "head", params.head)),
+        )
+
+    return optax.multi_transform({"torso": optax.radam(torso_lr), "head": optax.radam(head_lr)}, labels)
+
+
+def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyArray) -> TrainState:
+    trainable, _ = split_trainable(model)
+    return TrainState(model, model, optim.init(trainable), jnp.zeros((), jnp.int32), key)
+
+
+def ema_update(ema: PyTree, params: PyTree, step: Int[Array, ""], decay: float, copy_steps: int) -> PyTree:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, with d = 0 while step ≤ copy_steps (the reference's first-updates rule)."""
+    d = jnp.where(step <= copy_steps, 0.0, decay)
+    return jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), ema, params)

@@ -1,0 +1,137 @@
+"""One training update, and a scan of several, as pure functions of (state, batch).
+
+Every per-example draw (σ index, noise, dropout masks) comes from
+`fold_in(fold_in(state.key, step), global example index)`, so the result does not depend on
+how the batch is split over devices or micro-batches. Inside `shard_map` pass `axis_name`:
+losses and gradients are then averaged over that axis before the optimizer sees them.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from scgcm.ict import ICTSchedule
+from scgcm.losses import JointLoss
+from scgcm.model import SCGCM, split_trainable
+from scgcm.state import TrainState, ema_update
+
+
+def _global_norm(tree: PyTree) -> Float[Array, ""]:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _all_finite(tree: PyTree) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def cast_floats(tree: PyTree, dtype) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
+
+
+def batch_loss(
+    trainable: SCGCM,
+    frozen: SCGCM,
+    images: Float[Array, "b c h w"],
+    example_ids: Int[Array, " b"],
+    step: Int[Array, ""],
+    step_key,
+    *,
+    schedule: ICTSchedule,
+    loss_fn: JointLoss,
+    compute_dtype=None,
+) -> tuple[Float[Array, ""], tuple[Float[Array, ""], Float[Array, ""]]]:
+    """Mean of L_CT + L_DSM over the batch, and the two means as aux."""
+    model = eqx.combine(trainable, frozen)
+    if compute_dtype is not None:
+        model = cast_floats(model, compute_dtype)
+
+    def one(y, example_id):
+        sigma_key, noise_key, dropout_key = jr.split(jr.fold_in(step_key, example_id), 3)
+        sigma, sigma_prev, weight = schedule.sample(sigma_key, step)
+        noise = jr.normal(noise_key, y.shape, y.dtype)
+        return loss_fn(model, y, noise, sigma, sigma_prev, weight, dropout_key)
+
+    loss_ct, loss_dsm = jax.vmap(one)(images, example_ids)
+    loss_ct, loss_dsm = jnp.mean(loss_ct), jnp.mean(loss_dsm)
+    return loss_ct + loss_dsm, (loss_ct, loss_dsm)
+
+
+def train_step(
+    state: TrainState,
+    images: Float[Array, "b c h w"],
+    example_ids: Int[Array, " b"],
+    *,
+    optim: optax.GradientTransformation,
+    schedule: ICTSchedule,
+    loss_fn: JointLoss,
+    ema_decay: float,
+    ema_copy_steps: int = 2,
+    grad_accum: int = 1,
+    compute_dtype=None,
+    skip_nonfinite: bool = False,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    trainable, frozen = split_trainable(state.model)
+    step_key = jr.fold_in(state.key, state.step)
+    grad_fn = eqx.filter_value_and_grad(batch_loss, has_aux=True)
+    kwargs = dict(schedule=schedule, loss_fn=loss_fn, compute_dtype=compute_dtype)
+
+    if grad_accum == 1:
+        (_, (loss_ct, loss_dsm)), grads = grad_fn(trainable, frozen, images, example_ids, state.step, step_key, **kwargs)
+    else:  # micro-batches of equal size: the mean of their means is the full-batch mean
+        micro = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+
+        def accumulate(carry, batch):
+            (_, aux), g = grad_fn(trainable, frozen, *batch, state.step, step_key, **kwargs)
+            return jax.tree_util.tree_map(jnp.add, carry, (aux, g)), None
+
+        zeros = ((jnp.zeros(()), jnp.zeros(())), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        ((loss_ct, loss_dsm), grads), _ = jax.lax.scan(accumulate, zeros, (micro(images), micro(example_ids)))
+        loss_ct, loss_dsm, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, (loss_ct, loss_dsm, grads))
+
+    if axis_name is not None:
+        loss_ct, loss_dsm, grads = jax.lax.pmean((loss_ct, loss_dsm, grads), axis_name)
+
+    updates, opt_state = optim.update(grads, state.opt_state, trainable)
+    new_trainable = eqx.apply_updates(trainable, updates)
+    step = state.step + 1
+    ema = eqx.combine(ema_update(split_trainable(state.ema)[0], new_trainable, step, ema_decay, ema_copy_steps), frozen)
+    new_state = TrainState(eqx.combine(new_trainable, frozen), ema, opt_state, step, state.key)
+
+    finite = {
+        "finite_ct": jnp.isfinite(loss_ct),
+        "finite_dsm": jnp.isfinite(loss_dsm),
+        "finite_grad": _all_finite(grads),
+    }
+    ok = finite["finite_ct"] & finite["finite_dsm"] & finite["finite_grad"]
+    if skip_nonfinite:  # keep the old weights, still advance the step (the batch is consumed)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+        parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state)
+        model, ema, opt_state = keep(parts(new_state), parts(state))
+        new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key)
+
+    metrics = {
+        "loss_ct": loss_ct,
+        "loss_dsm": loss_dsm,
+        "grad_norm": _global_norm(grads.torso),
+        "update_distance": _global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso)),
+        "num_scales": schedule.num_scales(state.step),
+        "skipped": (~ok).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
+        **finite,
+    }
+    return new_state, metrics
+
+
+def train_steps(
+    state: TrainState, images: Float[Array, "n b c h w"], offset: Int[Array, ""] | int = 0, **kwargs
+) -> tuple[TrainState, dict[str, Array]]:
+    """`n` consecutive updates in one lax.scan; metrics are stacked along a leading axis of size n.
+
+    `offset` is the global index of this device's first example (0 on a single device).
+    """
+    example_ids = offset + jnp.arange(images.shape[1])
+    return jax.lax.scan(lambda s, batch: train_step(s, batch, example_ids, **kwargs), state, images)

@@ -1,0 +1,232 @@
+"""`python -m scgcm.train --config.variant score|vanilla [--config.preset smoke] [--config.workdir DIR]`
+
+Read top to bottom: validate, data, model, resume, then one loop of (batch, jitted updates, log,
+sample grids, checkpoint + FID); final samples at the end. An existing run directory is resumed
+from its latest complete checkpoint. SIGTERM/SIGINT write a checkpoint of the current step and exit;
+a second signal exits at once.
+"""
+
+import dataclasses
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import tyro
+from tqdm.auto import tqdm
+
+from scgcm import data as data_lib
+from scgcm.checkpoint import Checkpointer
+from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, validate_config, with_variant_workdir
+from scgcm.generate import generate, make_sampler
+from scgcm.model import count_params
+from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
+from scgcm.rundir import MetricsLog, save_grid, setup_logging, write_config
+from scgcm.state import TrainState, init_state, make_optimizer
+
+GRID_MODES = ("onestep", "heun")
+
+
+class StopSignal:
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop. Second: exit at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            sys.stderr.write(f"\nsecond signal {signal.Signals(signum).name}: exiting now\n")
+            sys.stderr.flush()
+            import os
+
+            os._exit(128 + signum)
+        self.signum = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint, then exiting (signal again to exit now)\n")
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def load_training_images(cfg: TrainConfig) -> np.ndarray:
+    m = cfg.model
+    if cfg.data.source == "synthetic":
+        return data_lib.synthetic_images(cfg.data.synthetic_size, image_size=m.image_size, channels=m.channels, seed=cfg.seed)
+    return data_lib.load_images(cfg.data.source, split=cfg.data.split, image_size=m.image_size, channels=m.channels)
+
+
+def first_bad_update(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
+    """(index in the call, name of the first non-finite term) or None."""
+    for j in range(len(metrics["finite_ct"])):
+        for name, flag in (("consistency loss (loss_ct)", "finite_ct"), ("DSM loss (loss_dsm)", "finite_dsm"),
+                           ("gradient", "finite_grad")):
+            if not metrics[flag][j]:
+                return j, name
+    return None
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run (or resume) training; returns the process exit code."""
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(workdir)
+    write_config(workdir, cfg)
+    m = cfg.model
+    shape = (m.channels, m.image_size, m.image_size)
+
+    images = load_training_images(cfg)
+    log.info("data: %d images of %s from %s", len(images), images.shape[1:], cfg.data.source or "Hugging Face cifar10")
+
+    mesh = make_mesh()
+    key = jr.key(cfg.seed)
+    model_key, train_key = jr.split(key)
+    model = build_model(m, key=model_key)
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    state = init_state(model, optim, train_key)
+    (tp, ta), (hp, ha) = count_params(model.torso), count_params(model.head)
+    log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
+    log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state, step = restored
+        log.info("resumed from %s at step %d", ckpt.directory / "latest", step)
+    else:
+        step = 0
+    state = replicate(state, mesh)
+
+    schedule = build_schedule(cfg)
+    train_fn = make_train_fn(
+        mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
+        ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
+        compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None, skip_nonfinite=cfg.skip_nonfinite,
+    )
+    grid_samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+                                        heun_steps=cfg.sample.heun_steps) for mode in GRID_MODES}
+    metrics_log = MetricsLog(workdir, resume_step=step, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg)
+
+    def save_grids(at: int) -> None:
+        for mode, sampler in grid_samplers.items():
+            grid = generate(state.ema, sampler, seed=cfg.seed, num=cfg.sample.grid_size, batch_size=cfg.sample.batch_size, mesh=mesh)
+            save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
+
+    def save_checkpoint(at: int) -> None:
+        ckpt.save(at, state)
+        log.info("checkpoint saved at step %d", at)
+
+    end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
+    n = cfg.steps_per_call
+    loader = data_lib.BatchLoader(
+        images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    stop = StopSignal()
+    interval: list[dict] = []
+    skipped_total = 0
+    tick = time.perf_counter()
+    bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
+    code = 0
+    try:
+        while step < end:
+            batch = global_batch(next(loader), mesh)
+            state, metrics = train_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            bad = None if cfg.skip_nonfinite else first_bad_update(metrics)
+            if bad is not None:
+                j, what = bad
+                last = ckpt.steps()
+                raise NonFiniteError(
+                    f"non-finite {what} at step {step + j} (update {step + j + 1}); stopping without saving. "
+                    f"Last good checkpoint: {('step %d' % last[-1]) if last else 'none'} in {ckpt.directory / 'latest'}. "
+                    "Use --config.skip-nonfinite to skip such updates instead."
+                )
+            step += n
+            skipped_total += int(np.sum(metrics["skipped"]))
+            interval.append({k: float(np.mean(v)) for k, v in metrics.items() if not k.startswith("finite")})
+            bar.update(n)
+
+            if step % cfg.log_every < n or step >= end:
+                now = time.perf_counter()
+                record = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
+                record.update(images_per_sec=len(interval) * n * cfg.batch_size / (now - tick),
+                              kimg=step * cfg.batch_size / 1000, skipped_total=skipped_total,
+                              lr_torso=cfg.optim.torso_lr, lr_head=cfg.optim.head_lr)
+                metrics_log.write(step, record)
+                bar.set_postfix(ct=f"{record['loss_ct']:.4f}", dsm=f"{record['loss_dsm']:.4f}",
+                                N=int(record["num_scales"]), lr=cfg.optim.torso_lr, ips=f"{record['images_per_sec']:.0f}")
+                interval, tick = [], now
+            if step % cfg.sample.sampling_step < n:
+                save_grids(step)
+            if step % cfg.saving_step < n and step < end:
+                save_checkpoint(step)
+            if stop.signum is not None:
+                save_checkpoint(step)
+                log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
+                return 128 + stop.signum
+        save_checkpoint(step)
+    except NonFiniteError as e:
+        log.error("%s", e)
+        code = 3
+    finally:
+        stop.restore()
+        bar.close()
+        loader.close()
+        metrics_log.close()
+
+    if code == 0 and step >= cfg.total_steps and cfg.sample.final_sampling:
+        final = make_sampler("onestep", shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max)
+        samples = generate(state.ema, final, seed=cfg.seed, num=cfg.sample.final_num,
+                           batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
+        np.savez_compressed(workdir / "samples" / "final_onestep.npz", images=samples)
+        save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
+        log.info("final samples: %s", workdir / "samples" / "final_onestep.npz")
+    ckpt.close()
+    return code
+
+
+@dataclass
+class Args:
+    config: TrainConfig
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    """tyro CLI whose defaults come from the preset named by --config.preset (paper by default)."""
+    preset = "paper"
+    for i, a in enumerate(argv):
+        if a.startswith("--config.preset="):
+            preset = a.split("=", 1)[1]
+        elif a == "--config.preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    default = PRESETS.get(preset, PRESETS["paper"])
+    return tyro.cli(Args, args=argv, default=Args(default), description=__doc__).config
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = with_variant_workdir(parse(sys.argv[1:] if argv is None else argv))
+    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    errors = validate_config(cfg, num_devices=jax.device_count())
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    except data_lib.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

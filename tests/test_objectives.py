@@ -1,0 +1,116 @@
+"""The joint objective: boundary condition, gradient routing of the two variants, a loss that drops."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from scgcm.config import build_loss, build_model, build_schedule
+from scgcm.losses import JointLoss, default_huber_c, pseudo_huber
+from scgcm.model import split_trainable
+
+from tiny import TINY_MODEL, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(TINY_MODEL, key=jr.key(0))
+
+
+@pytest.fixture(scope="module")
+def perturbed(model):
+    """Weights moved off their (near-zero) init so every path carries signal."""
+    trainable, frozen = split_trainable(model)
+    leaves, treedef = jax.tree_util.tree_flatten(trainable)
+    keys = jr.split(jr.key(1), len(leaves))
+    leaves = [x + 0.05 * jr.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), frozen)
+
+
+def example(shape=(3, 16, 16)):
+    y = jr.uniform(jr.key(2), shape, minval=-1, maxval=1)
+    return y, jr.normal(jr.key(3), shape)
+
+
+def test_boundary_condition_exact(perturbed):
+    y, _ = example()
+    d, _, _ = eqx.filter_jit(perturbed.consistency)(y, jnp.asarray(0.002, jnp.float32), key=jr.key(4))
+    assert jnp.array_equal(d, y)
+
+
+def test_pseudo_huber_forms():
+    delta = jnp.array([[[0.3, -0.4]]])
+    np.testing.assert_allclose(pseudo_huber(delta, 0.1, "elementwise"),
+                               np.mean([np.sqrt(0.09 + 0.01) - 0.1, np.sqrt(0.16 + 0.01) - 0.1]), rtol=1e-6)
+    np.testing.assert_allclose(pseudo_huber(delta, 0.1, "per_image"), np.sqrt(0.25 + 0.01) - 0.1, rtol=1e-6)
+    np.testing.assert_allclose(default_huber_c("per_image", 3072), 0.00054 * np.sqrt(3072))
+    assert default_huber_c("elementwise", 3072) == 0.003
+
+
+def test_loss_values_closed_form(model):
+    """At init the torso's F is ~0, so D = c_skip·x; the CT loss then has a closed form."""
+    y, z = example()
+    sigma, sigma_prev, weight = jnp.asarray(2.5152), jnp.asarray(0.9654), jnp.asarray(1 / (2.5152 - 0.9654))
+    loss = JointLoss()
+    ct, dsm = eqx.filter_jit(loss)(model, y, z, sigma, sigma_prev, weight, jr.key(5))
+    cs = lambda s: 0.25 / ((s - 0.002) ** 2 + 0.25)
+    delta = cs(sigma) * (y + sigma * z) - cs(sigma_prev) * (y + sigma_prev * z)
+    expected = weight * jnp.mean(jnp.sqrt(delta**2 + 0.003**2) - 0.003)
+    np.testing.assert_allclose(ct, expected, rtol=2e-3)
+    head_out = cs(sigma) * (y + sigma * z)  # the head's F_h is ~0 at init too
+    w = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    np.testing.assert_allclose(dsm, 0.3 * w * jnp.mean((head_out - y) ** 2), rtol=2e-3)
+
+
+def _grads(model, variant, which):
+    y, z = example()
+    loss = JointLoss(variant=variant)
+    trainable, frozen = split_trainable(model)
+
+    @eqx.filter_jit
+    def grad(trainable):
+        def f(tr):
+            ct, dsm = loss(eqx.combine(tr, frozen), y, z, jnp.asarray(1.3), jnp.asarray(0.9), jnp.asarray(2.5), jr.key(6))
+            return ct if which == "ct" else dsm
+        return eqx.filter_grad(f)(trainable)
+
+    return grad(trainable)
+
+
+def _nonzero(tree):
+    return [bool(jnp.any(g != 0)) for g in jax.tree_util.tree_leaves(tree)]
+
+
+def test_score_variant_dsm_reaches_torso(perturbed):
+    g = _grads(perturbed, "score", "dsm")
+    flags = _nonzero(g.torso)
+    # everything upstream of (t_emb, last_x_emb): all but the output conv's kernel and bias
+    assert len(flags) - sum(flags) == 2, f"{len(flags) - sum(flags)} torso arrays without DSM gradient"
+    zero = [x.shape for x, f in zip(jax.tree_util.tree_leaves(g.torso), flags) if not f]
+    assert all(s[0] == 3 for s in zero), zero  # the 3-channel output conv
+    assert all(_nonzero(g.head))
+
+
+def test_vanilla_variant_dsm_stops_at_torso(perturbed):
+    g = _grads(perturbed, "vanilla", "dsm")
+    assert not any(_nonzero(g.torso))
+    assert all(_nonzero(g.head))
+
+
+@pytest.mark.parametrize("variant", ["score", "vanilla"])
+def test_consistency_loss_never_reaches_head(perturbed, variant):
+    g = _grads(perturbed, variant, "ct")
+    assert not any(_nonzero(g.head))
+    assert sum(_nonzero(g.torso)) == len(jax.tree_util.tree_leaves(g.torso))
+
+
+def test_fourier_weights_are_not_trainable(model):
+    """The only frozen array is the Fourier W (nf weights); everything else is trainable."""
+    trainable, frozen = split_trainable(model)
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    n_all = sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)))
+    frozen_arrays = jax.tree_util.tree_leaves(eqx.filter(frozen, eqx.is_inexact_array))
+    assert [x.size for x in frozen_arrays] == [TINY_MODEL.torso.nf]
+    assert n_all - n_train == TINY_MODEL.torso.nf
