@@ -37,7 +37,8 @@ def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformat
 
 def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyArray) -> TrainState:
     trainable, _ = split_trainable(model)
-    return TrainState(model, model, optim.init(trainable), jnp.zeros((), jnp.int32), key)
+    ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)  # own buffers
+    return TrainState(model, ema, optim.init(trainable), jnp.zeros((), jnp.int32), key)
 
 
 def ema_update(ema: PyTree, params: PyTree, step: Int[Array, ""], decay: float, copy_steps: int) -> PyTree:

@@ -99,7 +99,8 @@ def train_step(
     updates, opt_state = optim.update(grads, state.opt_state, trainable)
     new_trainable = eqx.apply_updates(trainable, updates)
     step = state.step + 1
-    ema = eqx.combine(ema_update(split_trainable(state.ema)[0], new_trainable, step, ema_decay, ema_copy_steps), frozen)
+    ema_trainable, ema_frozen = split_trainable(state.ema)
+    ema = eqx.combine(ema_update(ema_trainable, new_trainable, step, ema_decay, ema_copy_steps), ema_frozen)
     new_state = TrainState(eqx.combine(new_trainable, frozen), ema, opt_state, step, state.key)
 
     finite = {
@@ -134,4 +135,11 @@ def train_steps(
     `offset` is the global index of this device's first example (0 on a single device).
     """
     example_ids = offset + jnp.arange(images.shape[1])
-    return jax.lax.scan(lambda s, batch: train_step(s, batch, example_ids, **kwargs), state, images)
+    arrays, static = eqx.partition(state, eqx.is_array)  # the scan carry must hold arrays only
+
+    def body(arrays, batch):
+        new_state, metrics = train_step(eqx.combine(arrays, static), batch, example_ids, **kwargs)
+        return eqx.filter(new_state, eqx.is_array), metrics
+
+    arrays, metrics = jax.lax.scan(body, arrays, images)
+    return eqx.combine(arrays, static), metrics
