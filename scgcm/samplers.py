@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
+from scgcm import inception
 from scgcm.ict import heun_sigmas
 from scgcm.model import SCGCM
 
@@ -59,6 +60,5 @@ def heun(
 
 
 def to_uint8(images: Float[Array, "*b c h w"]) -> UInt8[Array, "*b h w c"]:
-    """[-1, 1] channel-first floats → uint8 channel-last, rounding (EDM; the reference truncated, quirk Q8)."""
-    u8 = jnp.clip(jnp.round((images + 1) * 127.5), 0, 255).astype(jnp.uint8)
-    return jnp.moveaxis(u8, -3, -1)
+    """[-1, 1] channel-first floats → uint8 channel-last with EDM's rounding (the reference truncated, quirk Q8)."""
+    return jnp.moveaxis(inception.to_uint8(images), -3, -1)
