@@ -29,7 +29,7 @@ def _is_array_like(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _flatten(tree: PyTree) -> dict[str, jax.Array]:
+def _flatten(tree: PyTree) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_array_like))[0]
     raw = lambda x: jax.eval_shape(jax.random.key_data, x) if isinstance(x, jax.ShapeDtypeStruct) else jax.random.key_data(x)
     return {jax.tree_util.keystr(path): (raw(x) if _is_key(x) else x) for path, x in leaves}

@@ -5,7 +5,8 @@ batch size or on the number of devices.
 """
 
 from functools import partial
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax

@@ -1,12 +1,16 @@
-"""Test session set-up: CPU only, eight simulated devices for the shard_map path.
+"""Test session set-up: CPU only, eight simulated devices for the shard_map path, and a persistent
+compilation cache shared with the training subprocesses the CLI tests start.
 
-The environment variables must be set before JAX is imported anywhere, so this
-file imports nothing from scgcm at module level.
+The environment variables must be set before JAX is imported anywhere, so this file imports
+nothing from scgcm at module level.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scgcm-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
