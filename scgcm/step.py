@@ -72,9 +72,10 @@ def train_step(
     ema_copy_steps: int = 2,
     grad_accum: int = 1,
     compute_dtype=None,
-    skip_nonfinite: bool = False,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
+    """One update. A non-finite loss or gradient leaves model, EMA and optimizer state as they were
+    (the step still advances) and sets `skipped`; the caller decides whether to stop or go on."""
     trainable, frozen = split_trainable(state.model)
     step_key = jr.fold_in(state.key, state.step)
     grad_fn = eqx.filter_value_and_grad(batch_loss, has_aux=True)
@@ -109,11 +110,10 @@ def train_step(
         "finite_grad": _all_finite(grads),
     }
     ok = finite["finite_ct"] & finite["finite_dsm"] & finite["finite_grad"]
-    if skip_nonfinite:  # keep the old weights, still advance the step (the batch is consumed)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-        parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state)
-        model, ema, opt_state = keep(parts(new_state), parts(state))
-        new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state)
+    model, ema, opt_state = keep(parts(new_state), parts(state))
+    new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key)
 
     metrics = {
         "loss_ct": loss_ct,
@@ -121,7 +121,7 @@ def train_step(
         "grad_norm": _global_norm(grads.torso),
         "update_distance": _global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso)),
         "num_scales": schedule.num_scales(state.step),
-        "skipped": (~ok).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
+        "skipped": (~ok).astype(jnp.int32),
         **finite,
     }
     return new_state, metrics

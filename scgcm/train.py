@@ -7,8 +7,10 @@ a second signal exits at once.
 """
 
 import dataclasses
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,11 @@ import tyro
 from tqdm.auto import tqdm
 
 from scgcm import data as data_lib
+from scgcm import fid as fid_lib
+from scgcm import inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, validate_config, with_variant_workdir
+from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
@@ -34,25 +39,41 @@ GRID_MODES = ("onestep", "heun")
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop. Second: exit at once."""
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop. Second: exit at once.
+
+    Signals are counted by a watcher thread reading Python's signal wakeup fd, so a second
+    signal acts even while the main thread is inside a long compile or a jitted call.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = {s: signal.signal(s, lambda *_: None) for s in self.SIGNALS}
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="scgcm-signals").start()
 
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            sys.stderr.write(f"\nsecond signal {signal.Signals(signum).name}: exiting now\n")
+    def _watch(self) -> None:
+        while data := os.read(self._read, 1):
+            signum = data[0]
+            if signum not in self.SIGNALS:
+                continue
+            name = signal.Signals(signum).name
+            if self.signum is not None:
+                sys.stderr.write(f"\nsecond signal {name}: exiting now\n")
+                sys.stderr.flush()
+                os._exit(128 + signum)
+            self.signum = signum
+            sys.stderr.write(f"\n{name}: saving a checkpoint, then exiting (signal again to exit now)\n")
             sys.stderr.flush()
-            import os
 
-            os._exit(128 + signum)
-        self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint, then exiting (signal again to exit now)\n")
-
-    def restore(self):
+    def restore(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        os.close(self._write)
 
 
 class NonFiniteError(RuntimeError):
@@ -76,8 +97,9 @@ def first_bad_update(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
     return None
 
 
-def train(cfg: TrainConfig) -> int:
-    """Run (or resume) training; returns the process exit code."""
+def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None) -> int:
+    """Run (or resume) training; returns the process exit code. `extractor` gives the FID features
+    (default: the standard Inception network; tests pass a cheap stand-in)."""
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(workdir)
@@ -91,14 +113,14 @@ def train(cfg: TrainConfig) -> int:
     mesh = make_mesh()
     key = jr.key(cfg.seed)
     model_key, train_key = jr.split(key)
-    model = build_model(m, key=model_key)
+    model = build_model(m, key=model_key, remat=cfg.remat)
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
     state = init_state(model, optim, train_key)
     (tp, ta), (hp, ha) = count_params(model.torso), count_params(model.head)
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_modes=cfg.fid.modes if cfg.fid.enabled else ())
     restored = ckpt.restore(state)
     if restored is not None:
         state, step = restored
@@ -111,22 +133,49 @@ def train(cfg: TrainConfig) -> int:
     train_fn = make_train_fn(
         mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
-        compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None, skip_nonfinite=cfg.skip_nonfinite,
+        compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
     )
-    grid_samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-                                        heun_steps=cfg.sample.heun_steps) for mode in GRID_MODES}
+    samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+                                   two_step_sigma=cfg.sample.two_step_sigma, heun_steps=cfg.sample.heun_steps)
+                for mode in dict.fromkeys((*GRID_MODES, *cfg.fid.modes, "onestep"))}
+    evaluator = None
+    if cfg.fid.enabled:
+        if extractor is None:
+            extractor = fid_lib.FeatureExtractor(inception.load_inception(), batch_size=cfg.fid.batch_size)
+        d = cfg.data
+        ref_stats = fid_lib.load_statistics(cfg.fid.ref) if cfg.fid.ref else data_statistics(
+            d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+            synthetic_size=d.synthetic_size, seed=cfg.seed)
+        evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in cfg.fid.modes},
+                                 num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
     metrics_log = MetricsLog(workdir, resume_step=step, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg)
 
     def save_grids(at: int) -> None:
-        for mode, sampler in grid_samplers.items():
-            grid = generate(state.ema, sampler, seed=cfg.seed, num=cfg.sample.grid_size, batch_size=cfg.sample.batch_size, mesh=mesh)
+        for mode in GRID_MODES:
+            grid = generate(state.ema, samplers[mode], seed=cfg.seed, num=cfg.sample.grid_size, batch_size=cfg.sample.batch_size, mesh=mesh)
             save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
 
-    def save_checkpoint(at: int) -> None:
+    fids: dict[str, float] = {}  # the latest evaluation, shown in the progress bar
+
+    def evaluate_fid(at: int) -> dict[str, float]:
+        fids.update(evaluator(state.ema))
+        metrics_log.write(at, {f"fid_{mode}": value for mode, value in fids.items()})
+        log.info("FID at step %d (%d samples): %s", at, cfg.fid.num, ", ".join(f"{k} {v:.3f}" for k, v in fids.items()))
+        if jax.process_index() == 0:
+            plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
+        return dict(fids)
+
+    def save_checkpoint(at: int, with_fid: bool = False) -> None:
+        """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs, then the best per mode."""
+        scores = evaluate_fid(at) if with_fid and evaluator is not None else {}
         ckpt.save(at, state)
         log.info("checkpoint saved at step %d", at)
+        for mode, value in scores.items():
+            if np.isfinite(value):
+                ckpt.save_best(mode, at, state, value)
 
     end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
+    start_step = step
     n = cfg.steps_per_call
     loader = data_lib.BatchLoader(
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
@@ -135,14 +184,20 @@ def train(cfg: TrainConfig) -> int:
     stop = StopSignal()
     interval: list[dict] = []
     skipped_total = 0
-    tick = time.perf_counter()
+    fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
+    busy = 0.0  # seconds spent in training calls since the last log line (not sampling or saving)
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
     code = 0
     try:
         while step < end:
-            batch = global_batch(next(loader), mesh)
+            started = time.perf_counter()
+            host_batch = next(loader)
+            if fault_nan_step is not None and step <= fault_nan_step < step + n:
+                host_batch[fault_nan_step - step] = np.nan  # fault injection (SCGCM_FAULT_NAN_STEP), for tests
+            batch = global_batch(host_batch, mesh)
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
+            busy += time.perf_counter() - started
             bad = None if cfg.skip_nonfinite else first_bad_update(metrics)
             if bad is not None:
                 j, what = bad
@@ -158,24 +213,24 @@ def train(cfg: TrainConfig) -> int:
             bar.update(n)
 
             if step % cfg.log_every < n or step >= end:
-                now = time.perf_counter()
                 record = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
-                record.update(images_per_sec=len(interval) * n * cfg.batch_size / (now - tick),
+                record.update(images_per_sec=len(interval) * n * cfg.batch_size / busy,
                               kimg=step * cfg.batch_size / 1000, skipped_total=skipped_total,
                               lr_torso=cfg.optim.torso_lr, lr_head=cfg.optim.head_lr)
                 metrics_log.write(step, record)
                 bar.set_postfix(ct=f"{record['loss_ct']:.4f}", dsm=f"{record['loss_dsm']:.4f}",
-                                N=int(record["num_scales"]), lr=cfg.optim.torso_lr, ips=f"{record['images_per_sec']:.0f}")
-                interval, tick = [], now
+                                N=int(record["num_scales"]), lr=cfg.optim.torso_lr, ips=f"{record['images_per_sec']:.0f}",
+                                **{f"fid_{k}": f"{v:.2f}" for k, v in fids.items()})
+                interval, busy = [], 0.0
             if step % cfg.sample.sampling_step < n:
                 save_grids(step)
             if step % cfg.saving_step < n and step < end:
-                save_checkpoint(step)
+                save_checkpoint(step, with_fid=True)
             if stop.signum is not None:
                 save_checkpoint(step)
                 log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
                 return 128 + stop.signum
-        save_checkpoint(step)
+        save_checkpoint(step, with_fid=step > start_step)
     except NonFiniteError as e:
         log.error("%s", e)
         code = 3
@@ -186,12 +241,15 @@ def train(cfg: TrainConfig) -> int:
         metrics_log.close()
 
     if code == 0 and step >= cfg.total_steps and cfg.sample.final_sampling:
-        final = make_sampler("onestep", shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max)
-        samples = generate(state.ema, final, seed=cfg.seed, num=cfg.sample.final_num,
+        samples = generate(state.ema, samplers["onestep"], seed=cfg.seed, num=cfg.sample.final_num,
                            batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
+        (workdir / "samples").mkdir(exist_ok=True)  # no grid may have been written yet
         np.savez_compressed(workdir / "samples" / "final_onestep.npz", images=samples)
         save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
         log.info("final samples: %s", workdir / "samples" / "final_onestep.npz")
+        if evaluator is not None:
+            log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
+                     evaluator.score(samples, "final onestep"))
     ckpt.close()
     return code
 

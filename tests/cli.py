@@ -36,8 +36,9 @@ def train_cmd(workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "scgcm.train", *TINY_ARGS, "--config.workdir", str(workdir), *extra]
 
 
-def run_train(workdir: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(workdir, *extra), env=train_env(), capture_output=True, text=True, timeout=timeout)
+def run_train(workdir: Path, *extra: str, timeout: float = 400, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(workdir, *extra), env={**train_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:

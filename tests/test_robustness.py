@@ -1,0 +1,205 @@
+"""Nothing lost (issue 6): signals, kill -9 at random moments, non-finite guards, input validation."""
+
+import json
+import logging
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from cli import checkpoint_arrays, run_train, train_cmd, train_env
+
+
+def _latest_steps(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints" / "latest"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def _wait_for_metrics(proc: subprocess.Popen, workdir: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "training never logged a step"
+        time.sleep(0.2)
+
+
+def test_sigterm_checkpoints_the_current_step(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    _wait_for_metrics(proc, workdir)  # the first log line comes at step 2 of 8
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[-1].rsplit(" ", 1)[1])
+    assert step in _latest_steps(workdir) and step < 8 and max(_latest_steps(workdir)) == step
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    _wait_for_metrics(proc, workdir)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # acted on by a watcher thread, even mid-call
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "second signal SIGINT: exiting now" in err
+
+
+def test_sigkill_at_random_moments_resumes_to_the_same_parameters(smoke_run, tmp_path):
+    """Three trials: kill -9 at a random moment (compile, steps, checkpoint writes), restart, finish.
+    Every trial must end with exactly the arrays of the uninterrupted run."""
+    reference = checkpoint_arrays(smoke_run, 8)
+    rng = random.Random(0)
+    for trial in range(3):
+        workdir = tmp_path / f"trial{trial}"
+        proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 22.0))
+        proc.kill()
+        proc.wait()
+        result = run_train(workdir, "--config.sample.no-final-sampling")
+        assert result.returncode == 0, result.stderr[-3000:]
+        final = checkpoint_arrays(workdir, 8)
+        assert [k for k in reference if not np.array_equal(final[k], reference[k])] == [], f"trial {trial}"
+
+
+NAN_AT_5 = {"SCGCM_FAULT_NAN_STEP": "5"}  # the batch of update 6 (step 5 → 6) is planted with NaN
+
+
+def test_nonfinite_loss_halts_and_keeps_the_last_good_checkpoint(smoke_run, tmp_path):
+    workdir = tmp_path / "run"
+    bad = run_train(workdir, env=NAN_AT_5)
+    assert bad.returncode == 3, bad.stderr[-3000:]
+    message = [line for line in bad.stderr.splitlines() if "non-finite" in line]
+    assert message and "consistency loss (loss_ct) at step 5 (update 6)" in message[0], bad.stderr[-3000:]
+    assert "Last good checkpoint: step 4" in message[0]
+    assert _latest_steps(workdir) == [4]
+    reference, kept = checkpoint_arrays(smoke_run, 4), checkpoint_arrays(workdir, 4)
+    assert all(np.array_equal(reference[k], kept[k]) for k in reference)
+
+
+def test_skip_nonfinite_counts_skipped_updates(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_train(workdir, "--config.skip-nonfinite", "--config.sample.no-final-sampling", env=NAN_AT_5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_total"] for r in records] == [0, 0, 1, 1]
+    assert records[-1]["step"] == 8 and np.isfinite(records[-1]["loss_ct"])
+
+
+def test_skipped_update_keeps_weights_and_advances_step():
+    from scgcm.config import build_loss, build_model, build_schedule
+    from scgcm.state import init_state, make_optimizer
+    from scgcm.step import train_step
+    from tiny import TINY_MODEL, tiny_config
+
+    cfg = tiny_config()
+    optim = make_optimizer(1e-3, 1e-3)
+    state = init_state(build_model(TINY_MODEL, key=jr.key(0)), optim, jr.key(1))
+    images = jr.uniform(jr.key(2), (4, 3, 16, 16), minval=-1, maxval=1).at[1].set(jnp.nan)
+    step = eqx.filter_jit(lambda s, x: train_step(s, x, jnp.arange(4), optim=optim, schedule=build_schedule(cfg),
+                                                  loss_fn=build_loss(cfg), ema_decay=0.99))
+    new, metrics = step(state, images)
+    assert int(metrics["skipped"]) == 1 and not bool(metrics["finite_ct"])
+    assert int(new.step) == 1
+    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b, equal_nan=True)),
+                                  eqx.filter((new.model, new.ema, new.opt_state), eqx.is_array),
+                                  eqx.filter((state.model, state.ema, state.opt_state), eqx.is_array))
+    assert all(jax.tree_util.tree_leaves(same))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _toy_state(value: float):
+    return {"w": jnp.full((3, 4), value), "step": jnp.asarray(int(value)), "key": jr.key(int(value))}
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    from scgcm.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save(1, _toy_state(1.0))
+    ckpt.save(2, _toy_state(2.0))
+    ckpt.close()
+    for f in (tmp_path / "latest" / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "METADATA" not in f.name:
+            f.write_bytes(b"\0garbage")
+    with caplog.at_level(logging.WARNING):
+        state, step = Checkpointer(tmp_path).restore(_toy_state(0.0))
+    assert step == 1 and float(state["w"][0, 0]) == 1.0
+    assert jnp.array_equal(jr.key_data(state["key"]), jr.key_data(jr.key(1)))
+    assert any("unreadable" in r.message for r in caplog.records)
+
+
+def test_incomplete_checkpoint_is_never_picked(tmp_path):
+    from scgcm.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save(1, _toy_state(1.0))
+    ckpt.close()
+    partial = tmp_path / "latest" / "2.orbax-checkpoint-tmp-1234567"  # what a kill mid-save leaves
+    (partial / "default").mkdir(parents=True)
+    (partial / "default" / "junk").write_bytes(b"half a checkpoint")
+    state, step = Checkpointer(tmp_path).restore(_toy_state(0.0))
+    assert step == 1
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _main(argv, capsys):
+    from scgcm.train import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.batch-size", "12"], "--config.batch-size 12 must be divisible by devices × grad-accum = 8 × 1"),
+    (["--config.batch-size", "16", "--config.grad-accum", "4"], "divisible by devices × grad-accum = 8 × 4"),
+    (["--config.ict.s0", "50", "--config.ict.s1", "40"], "--config.ict.s0 (50) must not exceed --config.ict.s1 (40)"),
+    (["--config.model.sigma-min", "90"], "--config.model.sigma-min (90.0) must be below --config.model.sigma-max"),
+    (["--config.optim.torso-lr", "-1"], "--config.optim.torso-lr must be positive"),
+    (["--config.total-steps", "0"], "--config.total-steps must be positive"),
+    (["--config.sample.heun-steps", "0"], "--config.sample.heun-steps must be positive"),
+])
+def test_bad_config_is_one_line_before_any_compile(args, needle, tmp_path, capsys):
+    start = time.perf_counter()
+    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "w"), *args], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "w").exists()
+    assert time.perf_counter() - start < 10
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "file" / "run")], capsys)
+    assert code == 2 and "--config.workdir" in err and "is not a directory" in err
+
+
+@pytest.mark.parametrize("images,needle", [
+    (np.zeros((0, 32, 32, 3), np.uint8), "empty"),
+    (np.zeros((4, 16, 16, 3), np.uint8), "16"),
+    (np.zeros((4, 32, 32, 1), np.uint8), "channel"),
+    (np.zeros((4, 32, 32, 3), np.float32), "uint8"),
+])
+def test_bad_data_is_one_line(images, needle, tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", images=images)
+    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "w"),
+                       "--config.data.source", str(tmp_path / "bad.npz")], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0].lower() and "bad.npz" in lines[0], err
