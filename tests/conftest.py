@@ -14,3 +14,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scgcm-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """An uninterrupted 8-update tiny run through the CLI: checkpoints at 4 and 8, grids, metrics, samples."""
+    from cli import run_train
+
+    workdir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_train(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -5,16 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cli import checkpoint_arrays, run_train
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """An uninterrupted 8-update run: checkpoints at 4 and 8, grids, metrics, final samples."""
-    workdir = tmp_path_factory.mktemp("runs") / "smoke"
-    result = run_train(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+from cli import checkpoint_arrays, run_train  # smoke_run: conftest.py
 
 
 def test_smoke_run_outputs(smoke_run):
