@@ -129,6 +129,25 @@ class SampleConfig:
     """Number of images of the final sampling."""
 
 
+FIDMode = Literal["onestep", "twostep", "heun"]
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    enabled: bool = True
+    """FID at every saving_step and at the end of training (the reference computes it; method.md §8)."""
+    num: int = 50_000
+    """Samples per sampling mode and evaluation."""
+    modes: tuple[FIDMode, ...] = ("onestep", "twostep", "heun")
+    """Sampling modes evaluated; each keeps its lowest-FID checkpoint in checkpoints/best_<mode>."""
+    batch_size: int = 256
+    """Sampling and Inception batch (global, over all devices)."""
+    seed: int = 42
+    """Seed of the evaluation latents, the same at every evaluation (reference: PRNGKey(42))."""
+    ref: str | None = None
+    """Reference statistics .npz (`python -m scgcm.fid ref --out`); None: computed from the training data, cached."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     variant: Variant = "score"
@@ -177,6 +196,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
 
 
 SMOKE = TrainConfig(
@@ -195,6 +215,7 @@ SMOKE = TrainConfig(
     optim=OptimConfig(torso_lr=2e-4, head_lr=2e-4, ema_decay=0.99),
     data=DataConfig(source="synthetic", synthetic_size=512),
     sample=SampleConfig(sampling_step=100, grid_size=16, batch_size=16, heun_steps=6, final_num=64),
+    fid=FIDConfig(enabled=False, num=256, batch_size=64),  # Inception runs at ~5 images/s on a CPU
 )
 
 PRESETS: dict[str, TrainConfig] = {"paper": TrainConfig(), "smoke": SMOKE}
@@ -282,6 +303,17 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
         errors.append(f"--config.model.torso.dropout must be in [0, 1) (got {cfg.model.torso.dropout})")
     if cfg.loss.huber_c is not None and cfg.loss.huber_c <= 0:
         errors.append(f"--config.loss.huber-c must be positive (got {cfg.loss.huber_c})")
+    if cfg.fid.enabled:
+        from pathlib import Path
+
+        if cfg.fid.num < 2:
+            errors.append(f"--config.fid.num must be at least 2 (got {cfg.fid.num})")
+        if cfg.fid.batch_size <= 0:
+            errors.append(f"--config.fid.batch-size must be positive (got {cfg.fid.batch_size})")
+        if not cfg.fid.modes or len(set(cfg.fid.modes)) != len(cfg.fid.modes):
+            errors.append(f"--config.fid.modes must name distinct modes, at least one (got {cfg.fid.modes})")
+        if cfg.fid.ref is not None and not Path(cfg.fid.ref).is_file():
+            errors.append(f"--config.fid.ref {cfg.fid.ref}: no such file")
     if cfg.model.image_size > 0 and cfg.model.image_size % 2 ** (len(cfg.model.torso.ch_mult) - 1):
         errors.append(f"--config.model.image-size {cfg.model.image_size} must be divisible by 2^(levels-1)")
     errors += _workdir_errors(cfg.workdir)

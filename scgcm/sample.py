@@ -2,7 +2,8 @@
 
 Loads a checkpoint of a run (the latest, the best by FID of a mode, or a given step), takes its EMA
 weights (or the raw ones with --no-ema), and writes uint8 images [N, h, w, c] to an .npz, a PNG grid
-and optionally a folder of PNGs. Image i depends only on (seed, i).
+and optionally a folder of PNGs. Image i depends only on (seed, i). With --fid it also prints their
+FID (the computation of `scgcm.fid` and of training), against --fid-ref, --fid-source or the run's data.
 """
 
 import dataclasses
@@ -18,8 +19,10 @@ import numpy as np
 import tyro
 from PIL import Image
 
+from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import TrainConfig, build_model
+from scgcm.evaluate import data_statistics, rgb
 from scgcm.generate import Mode, generate, make_sampler
 from scgcm.rundir import save_grid
 from scgcm.state import TrainState, init_state, make_optimizer
@@ -53,6 +56,12 @@ class SampleArgs:
     """Also write each image as a PNG into this folder."""
     grid: str | None = None
     """PNG grid of the first 64 images (default: next to --out)."""
+    fid: bool = False
+    """Also print the FID of the images (standard Inception features; comparable numbers need --num 50000)."""
+    fid_ref: str | None = None
+    """Reference statistics .npz for --fid (from `python -m scgcm.fid ref --out`)."""
+    fid_source: str | None = None
+    """Without --fid-ref: dataset whose train split gives the reference (default: the run's training data); cached."""
 
 
 def _from_dict(cls, values: dict):
@@ -97,10 +106,29 @@ def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode
     return restored
 
 
+def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.FeatureExtractor) -> tuple[fid.Stats, str]:
+    """Reference statistics for --fid and their description: --fid-ref, else --fid-source, else the run's data."""
+    if args.fid_ref:
+        if not Path(args.fid_ref).is_file():
+            raise SystemExit(f"error: --fid-ref {args.fid_ref}: no such file")
+        return fid.load_statistics(args.fid_ref), args.fid_ref
+    if args.fid_source:
+        return fid.reference_statistics(args.fid_source, extractor), f"{args.fid_source} (train)"
+    d, m = cfg.data, cfg.model
+    stats = data_statistics(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+                            synthetic_size=d.synthetic_size, seed=cfg.seed)
+    return stats, f"the run's data {d.source or 'cifar10'} ({d.split})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+    if args.fid and args.num < 2:
+        raise SystemExit(f"error: --fid needs --num of at least 2 (got {args.num})")
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
+    if args.fid:  # the reference first, so that a missing file or dataset stops us before sampling
+        extractor = fid.FeatureExtractor(inception.load_inception(), batch_size=args.batch_size, progress=True)
+        ref_stats, ref_name = reference(args, cfg, extractor)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)
     model = state.ema if args.ema else state.model
     m = cfg.model
@@ -122,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, img in enumerate(images):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
+    if args.fid:
+        print(f"FID {fid.fid_from_images(rgb(images), ref_stats, extractor):.4f} "
+              f"({len(images)} images, {args.mode}, step {step}, against {ref_name})")
     return 0
 
 

@@ -1,0 +1,181 @@
+"""FID during training and from `scgcm.sample --fid` (issue 4): the evaluator, the best checkpoint per
+mode, the plot, a short training run with FID on, and the sampler CLI. A cheap stand-in replaces
+Inception (about 5 images/s on these CPUs); the network itself is tested in test_inception.py."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+from PIL import Image
+
+from scgcm import fid, inception
+from scgcm.checkpoint import Checkpointer
+from scgcm.config import FIDConfig, HeadConfig, ModelConfig, TorsoConfig, build_model, validate_config
+from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid, read_fids
+from scgcm.generate import make_sampler
+from tiny import tiny_config
+
+MODES = ("onestep", "twostep", "heun")
+RUN_MODES = ("onestep", "twostep")
+# Smaller than tests/tiny.py: one level, no attention, 8×8 images; compiling the train step dominates.
+MICRO = ModelConfig(
+    torso=TorsoConfig(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+    head=HeadConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_levels=()),
+    image_size=8,
+)
+
+
+class StandIn(eqx.Module):
+    """Inception's contract ((b, 299, 299, 3) in [-1, 1] → (b, d)) at a fraction of the cost."""
+
+    w: Float[Array, "3 6"]
+
+    def __call__(self, x: Float[Array, "b 299 299 3"]) -> Float[Array, "b 6"]:
+        return jnp.mean(jnp.tanh(4 * x[:, ::13, ::13] @ self.w), axis=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def net():
+    return StandIn(jax.random.normal(jax.random.key(1), (3, 6)))
+
+
+@pytest.fixture(scope="module")
+def extractor(net):
+    return fid.FeatureExtractor(net, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Reference statistics of the stand-in go here, never into the real cache next to the weights."""
+    path = tmp_path_factory.mktemp("fid-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCGCM_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def fid_run(tmp_path_factory, extractor, cache):
+    """4 updates of the micro model with FID (16 samples; two modes: the evaluator test compiles Heun) at steps 2 and 4."""
+    from scgcm.train import train
+
+    base = tiny_config()
+    cfg = tiny_config(
+        workdir=str(tmp_path_factory.mktemp("runs") / "fid"), model=MICRO, total_steps=4, saving_step=2, log_every=2,
+        data=dataclasses.replace(base.data, synthetic_size=64),
+        sample=dataclasses.replace(base.sample, sampling_step=100, heun_steps=3, final_num=16, batch_size=16),
+        fid=FIDConfig(enabled=True, num=16, batch_size=16, modes=RUN_MODES),
+    )
+    assert validate_config(cfg, num_devices=len(jax.devices())) == []
+    assert train(cfg, extractor=extractor) == 0
+    return cfg
+
+
+def test_evaluator_one_finite_fid_per_mode_and_deterministic(extractor, tmp_path):
+    model = build_model(MICRO, key=jax.random.key(0))
+    ref = data_statistics("synthetic", extractor, image_size=8, synthetic_size=32, seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("fid-ref-synthetic-*.npz"))) == 1
+    cached = data_statistics("synthetic", extractor, image_size=8, synthetic_size=32, seed=0, cache_dir=tmp_path)
+    np.testing.assert_array_equal(ref[1], cached[1])
+    samplers = {m: make_sampler(m, shape=(3, 8, 8), heun_steps=2) for m in MODES}
+    evaluator = FIDEvaluator(ref, extractor, samplers, num=12, batch_size=8, seed=42)
+    first, second = evaluator(model), evaluator(model)
+    assert list(first) == list(MODES)
+    assert all(np.isfinite(v) and v > 0 for v in first.values()), first
+    assert first == second  # the same latents every time, as the reference's fixed PRNGKey(42)
+    images = evaluator.images(model, "onestep")
+    assert images.shape == (12, 8, 8, 3) and images.dtype == np.uint8
+    assert first["onestep"] == fid.fid_from_images(images, ref, extractor)  # one implementation
+    with pytest.raises(ValueError, match="at least 2"):
+        FIDEvaluator(ref, extractor, samplers, num=1, batch_size=8)
+
+
+def test_best_checkpoint_keeps_the_lowest_fid(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", best_modes=("onestep", "heun"))
+    lowest = {}
+    for step, one, heun in [(1, 5.0, 9.0), (2, 3.0, 9.5), (3, 4.0, 8.0), (4, 2.0, 8.5), (5, 6.0, 7.0)]:
+        state = {"w": jnp.full(3, float(step))}
+        for mode, value in (("onestep", one), ("heun", heun)):
+            ckpt.save_best(mode, step, state, value)
+            lowest[mode] = min(lowest.get(mode, (value, step)), (value, step))
+            assert ckpt.steps(mode) == [lowest[mode][1]]
+    ckpt.close()
+    reopened = Checkpointer(tmp_path / "checkpoints", best_modes=("onestep", "heun"))
+    restored, step = reopened.restore({"w": jnp.zeros(3)}, which="onestep")
+    assert step == 4 and np.all(np.asarray(restored["w"]) == 4.0)
+    assert reopened.restore({"w": jnp.zeros(3)}, which="heun")[1] == 5
+    reopened.close()
+
+
+def test_plot_fid(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert not plot_fid(metrics, tmp_path / "fid.png")  # no file yet
+    lines = [{"step": 2, "loss_ct": 0.5}]
+    for step, one, two in [(100, 300.0, 250.0), (200, 80.0, 60.0), (300, 20.0, float("nan"))]:
+        lines += [{"step": step, "loss_ct": 0.1}, {"step": step, "fid_onestep": one, "fid_twostep": two}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_fids(metrics) == {"onestep": [(100, 300.0), (200, 80.0), (300, 20.0)], "twostep": [(100, 250.0), (200, 60.0)]}
+    assert plot_fid(metrics, tmp_path / "fid.png")
+    image = np.asarray(Image.open(tmp_path / "fid.png").convert("RGB"))
+    assert image.shape == (440, 720, 3)
+    colours = {tuple(c) for c in image.reshape(-1, 3)}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours  # a line per mode
+    metrics.write_text(json.dumps({"step": 5, "fid_heun": 7.0}) + "\n")  # a single point, flat range
+    assert plot_fid(metrics, tmp_path / "fid.png")
+
+
+def test_config_validation():
+    cfg = tiny_config(fid=FIDConfig(enabled=True, num=1, batch_size=0, modes=("onestep", "onestep"), ref="/nonexistent.npz"))
+    errors = "\n".join(validate_config(cfg, num_devices=1))
+    for field in ("fid.num", "fid.batch-size", "fid.modes", "fid.ref"):
+        assert f"--config.{field}" in errors
+    assert not tiny_config().fid.enabled  # the smoke preset keeps FID off
+    assert FIDConfig().enabled and FIDConfig().num == 50_000 and FIDConfig().modes == MODES
+
+
+def test_training_logs_fid_and_keeps_best_checkpoints(fid_run, cache):
+    workdir = Path(fid_run.workdir)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in records if any(k.startswith("fid_") for k in r)]
+    assert [r["step"] for r in fids] == [2, 4]
+    for r in fids:
+        assert {f"fid_{m}" for m in RUN_MODES} == set(r) - {"step"} and all(np.isfinite(r[f"fid_{m}"]) for m in RUN_MODES)
+    checkpoints = workdir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best_onestep", "best_twostep", "latest"]
+    for mode in RUN_MODES:
+        best = min((r[f"fid_{mode}"], r["step"]) for r in fids)[1]
+        assert sorted(int(p.name) for p in (checkpoints / f"best_{mode}").iterdir() if p.name.isdigit()) == [best]
+    assert (workdir / "fid.png").is_file()
+    log = (workdir / "log.txt").read_text()
+    assert "FID at step 4" in log and "final FID (onestep, 16 samples" in log
+    assert len(list(cache.glob("fid-ref-synthetic-*.npz"))) == 1  # the run's data, cached
+
+
+def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch, capsys):
+    """`scgcm.sample --fid` on the same checkpoint, seed and count prints training's FID; so does
+    `scgcm.fid calc` on the written images against the same statistics."""
+    from scgcm import sample
+
+    monkeypatch.setattr(inception, "load_inception", lambda: net)
+    workdir = fid_run.workdir
+    records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+    trained = next(r["fid_onestep"] for r in records if r["step"] == 4 and "fid_onestep" in r)
+    out = tmp_path / "s.npz"
+    args = ["--workdir", workdir, "--num", "16", "--batch-size", "16", "--seed", "42", "--out", str(out), "--fid"]
+    assert sample.main(args) == 0
+    printed = float(re.search(r"^FID (\S+) \(16 images, onestep, step 4", capsys.readouterr().out, re.M).group(1))
+    assert printed == pytest.approx(trained, rel=1e-4, abs=1e-4)
+
+    ref = next(cache.glob("fid-ref-synthetic-*.npz"))  # the run's reference, computed by training
+    assert sample.main([*args, "--fid-ref", str(ref)]) == 0
+    assert f"FID {printed:.4f} (16 images" in capsys.readouterr().out
+    fid.main(fid.cli(["calc", str(out), "--ref", str(ref), "--batch-size", "8"]))
+    assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(printed, rel=1e-4, abs=1e-4)
+    with pytest.raises(SystemExit, match="no such file"):
+        sample.main([*args, "--fid-ref", str(tmp_path / "missing.npz")])
