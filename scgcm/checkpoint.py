@@ -78,7 +78,9 @@ class Checkpointer:
         self.latest.wait_until_finished()
 
     def save_best(self, mode: str, step: int, state: PyTree, fid: float) -> None:
-        manager = self.best.setdefault(mode, _manager(self.directory / f"best_{mode}", 1, best=True))
+        if mode not in self.best:  # not setdefault: a spare manager's tmp-dir cleanup would race with this save
+            self.best[mode] = _manager(self.directory / f"best_{mode}", 1, best=True)
+        manager = self.best[mode]
         manager.save(step, args=ocp.args.StandardSave(_flatten(state)), metrics={"fid": float(fid)}, force=True)
         manager.wait_until_finished()
 
