@@ -1,6 +1,7 @@
 """The tiny configuration every test shares (16×16 images, a few thousand parameters per block)."""
 
 import dataclasses
+import functools
 
 from scgcm.config import SMOKE, HeadConfig, ModelConfig, TorsoConfig, TrainConfig
 
@@ -14,3 +15,20 @@ TINY_MODEL = ModelConfig(
 def tiny_config(**overrides) -> TrainConfig:
     base = dataclasses.replace(SMOKE, model=TINY_MODEL, batch_size=8, steps_per_call=2)
     return dataclasses.replace(base, **overrides)
+
+
+@functools.cache
+def tiny_train_step():
+    """One jitted single-device `train_step` with fixed tiny hyperparameters, shared by every test
+    that needs it (one compile per session)."""
+    import equinox as eqx
+
+    import optax
+
+    from scgcm.config import build_loss, build_schedule
+    from scgcm.step import train_step
+
+    cfg = tiny_config()
+    optim = optax.adam(1e-3)  # RAdam's warm-up would need hundreds of updates to show a trend
+    step = functools.partial(train_step, optim=optim, schedule=build_schedule(cfg), loss_fn=build_loss(cfg), ema_decay=0.9)
+    return eqx.filter_jit(step), optim
