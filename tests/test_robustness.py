@@ -187,7 +187,7 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("images,needle", [
-    (np.zeros((0, 32, 32, 3), np.uint8), "empty"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "no images"),
     (np.zeros((4, 16, 16, 3), np.uint8), "16"),
     (np.zeros((4, 32, 32, 1), np.uint8), "channel"),
     (np.zeros((4, 32, 32, 3), np.float32), "uint8"),
