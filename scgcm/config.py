@@ -221,7 +221,8 @@ SMOKE = TrainConfig(
 PRESETS: dict[str, TrainConfig] = {"paper": TrainConfig(), "smoke": SMOKE}
 
 
-def build_model(cfg: ModelConfig, *, key) -> SCGCM:
+def build_model(cfg: ModelConfig, *, key, remat: bool = False) -> SCGCM:
+    """`remat` (TrainConfig.remat) recomputes the torso blocks' activations in the backward pass."""
     torso_key, head_key = jr.split(key)
     t = cfg.torso
     torso = NCSNpp(
@@ -233,6 +234,7 @@ def build_model(cfg: ModelConfig, *, key) -> SCGCM:
         image_size=cfg.image_size,
         dropout=t.dropout,
         fourier_scale=t.fourier_scale,
+        remat=remat,
         key=torso_key,
     )
     h = cfg.head
@@ -295,7 +297,7 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
         errors.append(f"--config.ict.s0 ({cfg.ict.s0}) must not exceed --config.ict.s1 ({cfg.ict.s1})")
     if not cfg.model.sigma_min < cfg.model.sigma_max:
         errors.append(f"--config.model.sigma-min ({cfg.model.sigma_min}) must be below --config.model.sigma-max ({cfg.model.sigma_max})")
-    if not cfg.model.sigma_min < cfg.sample.two_step_sigma < cfg.model.sigma_max:
+    elif not cfg.model.sigma_min < cfg.sample.two_step_sigma < cfg.model.sigma_max:
         errors.append(f"--config.sample.two-step-sigma ({cfg.sample.two_step_sigma}) must lie between sigma-min and sigma-max")
     if not 0 <= cfg.optim.ema_decay < 1:
         errors.append(f"--config.optim.ema-decay must be in [0, 1) (got {cfg.optim.ema_decay})")

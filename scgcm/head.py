@@ -95,7 +95,8 @@ class Attention(eqx.Module):
         c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(c, 3, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        weights = jax.nn.softmax(jnp.einsum("cq,ck->qk", q, k / math.sqrt(c)), axis=-1)
+        logits = jnp.einsum("cq,ck->qk", q, k / math.sqrt(c)).astype(jnp.float32)  # softmax in float32
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         a = jnp.einsum("qk,ck->cq", weights, v).reshape(c, h, w)
         return self.proj(a)
 
@@ -201,12 +202,15 @@ class ScoreHead(eqx.Module):
                  t_emb: Float[Array, " e"], last_x_emb: Float[Array, "f h w"], *, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "c h w"]:
         """x_in = c_in·x, d_in = c_in·D (both already scaled by the caller, D already stop-gradiented by the caller),
-        c_noise = ln(σ)/4. Returns the raw head output F_h; the caller forms c_skip·x + c_out·F_h."""
+        c_noise = ln(σ)/4. Returns the raw head output F_h; the caller forms c_skip·x + c_out·F_h.
+        The network computes in its weights' dtype (bfloat16 after a cast): inputs are cast to it."""
+        dtype = self.conv_in.weight.dtype
+        x_in, d_in, t_emb, last_x_emb = (a.astype(dtype) for a in (x_in, d_in, t_emb, last_x_emb))
         per_pixel_ln = jax.vmap(jax.vmap(self.ln_x, in_axes=1, out_axes=1), in_axes=2, out_axes=2)
         feats = self.gn_x(per_pixel_ln(last_x_emb))
         x = self.conv_in(jax.nn.silu(jnp.concatenate([x_in, d_in, feats], axis=0)))
 
-        e = positional_embedding(c_noise, self.noise_channels)
+        e = positional_embedding(c_noise, self.noise_channels).astype(dtype)
         e = jax.nn.silu(self.map1(jax.nn.silu(self.map0(e))))
         emb = self.map_proj(jnp.concatenate([e, self.ln_t(t_emb)]))
 

@@ -162,6 +162,7 @@ class AttnBlock(eqx.Module):
         c, hgt, wid = x.shape
         g = self.norm(x)
         q, k, v = (layer(g).reshape(c, hgt * wid) for layer in (self.q, self.k, self.v))
-        weights = jax.nn.softmax(q.T @ k / math.sqrt(c), axis=-1)  # (queries, keys)
+        logits = (q.T @ k).astype(jnp.float32) / math.sqrt(c)  # (queries, keys); softmax in float32
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         a = (v @ weights.T).reshape(c, hgt, wid)
         return (x + self.proj(a)) / math.sqrt(2.0)

@@ -36,6 +36,16 @@ def _key_stream(key: PRNGKeyArray | None) -> Iterator[PRNGKeyArray | None]:
     return (None if key is None else jr.fold_in(key, i) for i in itertools.count())
 
 
+def _plain(block: eqx.Module, *args, **kwargs):
+    return block(*args, **kwargs)
+
+
+@eqx.filter_checkpoint
+def _checkpointed(block: eqx.Module, *args, **kwargs):
+    """`block(*args)` whose activations are recomputed in the backward pass instead of stored."""
+    return block(*args, **kwargs)
+
+
 class NCSNpp(eqx.Module):
     """NCSN++ on one `c h w` image. `image_size` only places attention: a block is followed by one
     wherever its resolution (image_size / 2^level) is in `attn_resolutions`, as the reference decides
@@ -52,13 +62,15 @@ class NCSNpp(eqx.Module):
     up: tuple[UpLevel, ...]  # from the lowest resolution up
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d
+    remat: bool = eqx.field(static=True)  # recompute each block's activations in the backward pass
 
     def __init__(
         self, *, in_channels: int = 3, nf: int = 128, ch_mult: tuple[int, ...] = (2, 2, 2),
         num_res_blocks: int = 4, attn_resolutions: tuple[int, ...] = (16,), image_size: int = 32,
-        dropout: float = 0.3, fourier_scale: float = 0.02, key: PRNGKeyArray,
+        dropout: float = 0.3, fourier_scale: float = 0.02, remat: bool = False, key: PRNGKeyArray,
     ):
         keys = _key_stream(key)
+        self.remat = remat
         temb_dim = 4 * nf
 
         def block(c_in: int, c_out: int, **kwargs) -> ResnetBlockBigGAN:
@@ -124,39 +136,43 @@ class NCSNpp(eqx.Module):
 
         Returns (F, t_emb, last_x_emb): the raw output, the time embedding (4·nf) and the feature map
         before the output conv. `key` drives dropout (each res block gets fold_in(key, its index));
-        it may be None under `eqx.nn.inference_mode`.
+        it may be None under `eqx.nn.inference_mode`. The network computes in its weights' dtype
+        (bfloat16 after a cast), the Fourier angles in float32.
         """
         dropout_keys = _key_stream(key)
+        dtype = self.conv_in.weight.dtype
+        call = _checkpointed if self.remat else _plain
 
-        w = jax.lax.stop_gradient(self.fourier_w.value)
-        angles = 2 * math.pi * w * c_noise
-        temb = self.temb_dense0(jnp.concatenate([jnp.sin(angles), jnp.cos(angles)]))
+        w = jax.lax.stop_gradient(self.fourier_w.value).astype(jnp.float32)
+        angles = 2 * math.pi * w * c_noise.astype(jnp.float32)
+        temb = self.temb_dense0(jnp.concatenate([jnp.sin(angles), jnp.cos(angles)]).astype(dtype))
         temb = self.temb_dense1(jax.nn.silu(temb))
 
+        x = x.astype(dtype)
         hs = [self.conv_in(x)]
         pyramid = x
         for level in self.down:
             for i, block in enumerate(level.blocks):
-                h = block(hs[-1], temb, key=next(dropout_keys))
+                h = call(block, hs[-1], temb, key=next(dropout_keys))
                 if level.attns:
-                    h = level.attns[i](h)
+                    h = call(level.attns[i], h)
                 hs.append(h)
             if level.down is not None and level.pyramid is not None:
-                h = level.down(hs[-1], temb, key=next(dropout_keys))
+                h = call(level.down, hs[-1], temb, key=next(dropout_keys))
                 pyramid = (level.pyramid(pyramid) + h) / math.sqrt(2.0)
                 hs.append(pyramid)
 
-        h = self.mid_block0(hs[-1], temb, key=next(dropout_keys))
-        h = self.mid_attn(h)
-        h = self.mid_block1(h, temb, key=next(dropout_keys))
+        h = call(self.mid_block0, hs[-1], temb, key=next(dropout_keys))
+        h = call(self.mid_attn, h)
+        h = call(self.mid_block1, h, temb, key=next(dropout_keys))
 
         for level in self.up:
             for block in level.blocks:
-                h = block(jnp.concatenate([h, hs.pop()]), temb, key=next(dropout_keys))
+                h = call(block, jnp.concatenate([h, hs.pop()]), temb, key=next(dropout_keys))
             if level.attn is not None:
-                h = level.attn(h)
+                h = call(level.attn, h)
             if level.up is not None:
-                h = level.up(h, temb, key=next(dropout_keys))
+                h = call(level.up, h, temb, key=next(dropout_keys))
 
         last_x_emb = jax.nn.silu(self.norm_out(h))
         return self.conv_out(last_x_emb), temb, last_x_emb
