@@ -7,7 +7,6 @@ before an update (0 at the first), the EMA rule after it (1 at the first update)
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 

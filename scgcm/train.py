@@ -6,7 +6,6 @@ from its latest complete checkpoint. SIGTERM/SIGINT write a checkpoint of the cu
 a second signal exits at once.
 """
 
-import dataclasses
 import os
 import signal
 import sys
@@ -15,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -33,7 +31,7 @@ from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
 from scgcm.rundir import MetricsLog, save_grid, setup_logging, write_config
-from scgcm.state import TrainState, init_state, make_optimizer
+from scgcm.state import init_state, make_optimizer
 
 GRID_MODES = ("onestep", "heun")
 

@@ -127,7 +127,7 @@ def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
     to stay finite."""
     from scgcm.state import init_state
     from scgcm.step import batch_loss
-    from tiny import tiny_config, tiny_train_step
+    from tiny import tiny_train_step
 
     step, optim = tiny_train_step()
     cfg = tiny_config()
