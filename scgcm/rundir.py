@@ -75,7 +75,8 @@ class MetricsLog:
     def __init__(self, workdir: Path, *, resume_step: int, tensorboard: bool = False, wandb: bool = False,
                  config=None):
         self.path = workdir / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        if jax.process_index() == 0:
+            self._truncate_after(resume_step)
         self.tb = self.wandb = None
         if tensorboard:
             try:
@@ -99,6 +100,8 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, values: dict) -> None:
+        if jax.process_index() != 0:  # one writer in a multi-host run
+            return
         record = {"step": int(step), **{k: (float(v) if isinstance(v, (int, float, np.number)) else v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
