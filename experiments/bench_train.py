@@ -11,7 +11,8 @@ XLA compilation, the first call; then the median of `--steps` further calls. FLO
 XLA's cost analysis of the *un-optimised* HLO of one `train_step` on one device (`jit(...).lower(...)
 .cost_analysis()`, built from shapes only, so it costs seconds even for the paper model). That count
 sees every convolution and dot on every backend; the cost analysis of a *compiled* GPU program does
-not (cuDNN convolutions become custom calls), so do not take it from there. MFU = FLOPs/image × images/s
+not (cuDNN convolutions become custom calls), so do not take it from there (`compiled_flops_per_image`
+is that count, a diagnostic: on CPU it shows what the optimised program really does). MFU = FLOPs/image × images/s
 / (`--peak-tflops` × devices). Peak memory is `memory_stats()["peak_bytes_in_use"]` of the first device
 (None on CPU, which has no allocator statistics; the compiled program's own estimate, arguments +
 outputs + temporaries, is reported as `xla_bytes`). The peak counter never resets within a process:
@@ -134,6 +135,15 @@ def _xla_bytes(compiled) -> int | None:
         return None
 
 
+def _compiled_flops(compiled) -> float | None:
+    try:
+        cost = compiled.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"])
+    except Exception:
+        return None
+
+
 def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float | None = None) -> dict:
     """Init (unless a template state is given), lower, compile and time one configuration."""
     devices = jax.local_devices()[: args.devices] if args.devices else jax.local_devices()
@@ -179,6 +189,7 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
     step_s = statistics.median(times) / cfg.steps_per_call if times else first_call_s / cfg.steps_per_call
     ips = cfg.batch_size / step_s
     fpi = flops_per_image(cfg) if args.flops else None
+    compiled_flops = _compiled_flops(compiled)  # per device, the scan body once (= one update)
     mfu = fpi * ips / (args.peak_tflops * 1e12 * len(devices)) if fpi and args.peak_tflops else None
     return {
         "variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size, "devices": len(devices),
@@ -188,6 +199,7 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
         "time_to_first_step_s": init_s + lower_s + compile_s + first_call_s,
         "peak_bytes": _peak_bytes(devices[0]), "xla_bytes": _xla_bytes(compiled),
         "flops_per_image": fpi, "mfu": mfu,
+        "compiled_flops_per_image": compiled_flops and compiled_flops * len(devices) / cfg.batch_size,
         "loss_ct": float(metrics["loss_ct"][-1]), "loss_dsm": float(metrics["loss_dsm"][-1]),
         "finite": bool(np.all(metrics["finite_ct"]) and np.all(metrics["finite_dsm"]) and np.all(metrics["finite_grad"])),
     }
