@@ -77,25 +77,29 @@ class Checkpointer:
         self.latest.save(step, args=ocp.args.StandardSave(_flatten(state)), force=True)
         self.latest.wait_until_finished()
 
+    def _manager_for(self, which: str) -> ocp.CheckpointManager:
+        """'latest' or a sampling mode's best manager, created once (a spare manager's tmp-dir cleanup
+        would race with a save)."""
+        if which == "latest":
+            return self.latest
+        if which not in self.best:
+            self.best[which] = _manager(self.directory / f"best_{which}", 1, best=True)
+        return self.best[which]
+
     def save_best(self, mode: str, step: int, state: PyTree, fid: float) -> None:
-        if mode not in self.best:  # not setdefault: a spare manager's tmp-dir cleanup would race with this save
-            self.best[mode] = _manager(self.directory / f"best_{mode}", 1, best=True)
-        manager = self.best[mode]
+        manager = self._manager_for(mode)
         manager.save(step, args=ocp.args.StandardSave(_flatten(state)), metrics={"fid": float(fid)}, force=True)
         manager.wait_until_finished()
 
     def steps(self, which: str = "latest") -> list[int]:
-        manager = self.latest if which == "latest" else self.best.get(which) or _manager(self.directory / f"best_{which}", 1, best=True)
-        return sorted(manager.all_steps())
+        return sorted(self._manager_for(which).all_steps())
 
     def restore(self, skeleton: PyTree, step: int | None = None, which: str = "latest") -> tuple[PyTree, int] | None:
         """Restore `step` (or the newest readable one) into the skeleton; None if there is none."""
-        manager = self.latest if which == "latest" else _manager(self.directory / f"best_{which}", 1, best=True)
+        manager = self._manager_for(which)
         candidates = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-        target = jax.tree_util.tree_map(
-            lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton)
-        )
-        for i, s in enumerate(candidates):
+        target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton))
+        for s in candidates:
             try:
                 flat = manager.restore(s, args=ocp.args.StandardRestore(target))
                 return _unflatten(flat, skeleton), s

@@ -19,11 +19,6 @@ from scgcm.model import SCGCM, split_trainable
 from scgcm.state import TrainState, ema_update
 
 
-def _global_norm(tree: PyTree) -> Float[Array, ""]:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
@@ -122,8 +117,8 @@ def train_step(
     metrics = {
         "loss_ct": loss_ct,
         "loss_dsm": loss_dsm,
-        "grad_norm": _global_norm(grads.torso),
-        "update_distance": _global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso)),
+        "grad_norm": optax.global_norm(grads.torso),
+        "update_distance": optax.global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso)),
         "num_scales": schedule.num_scales(state.step),
         "skipped": (~ok).astype(jnp.int32),
         **finite,
