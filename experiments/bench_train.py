@@ -4,6 +4,7 @@
     python experiments/bench_train.py --batch-sizes 128 256 --peak-tflops 989 --isolate \\
         --results experiments/RESULTS.md                                                     # GPU, paper model
     python experiments/bench_train.py --flops-only --batch-sizes 2 --dtypes float32          # FLOPs/image, any host
+    python experiments/bench_train.py --memory-only --batch-sizes 8 16 --dtypes float32      # XLA memory plan
 
 One row per (variant, dtype, batch size): the jitted `make_train_fn` step (shard_map over `--devices`
 devices, donated state) on random images. Times, separately: model + optimizer init, trace + lowering,
@@ -77,6 +78,8 @@ class Args:
     """Count FLOPs per image (one extra trace and lowering per row, no compilation)."""
     flops_only: bool = False
     """Only count FLOPs per image, from shapes (no init, no compilation, no run)."""
+    memory_only: bool = False
+    """Only compile from shapes and report XLA's memory plan per device (no init, no run)."""
     isolate: bool = False
     """Run every row in its own subprocess: per-row peak memory, cold init and compile times."""
     results: str | None = None
@@ -101,9 +104,9 @@ def step_kwargs(cfg: TrainConfig, optim) -> dict:
     )
 
 
-def flops_per_image(cfg: TrainConfig) -> float | None:
-    """FLOPs of one update per image: XLA cost analysis of the un-optimised HLO of `train_step`
-    on one device at batch `cfg.batch_size`, built from shapes only (no parameters are materialised)."""
+def lower_from_shapes(cfg: TrainConfig, donate: bool = False):
+    """`jax.jit(train_step)` for one device at batch `cfg.batch_size`, lowered from shapes only
+    (no parameters are materialised, nothing runs)."""
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
     shapes = eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k, remat=cfg.remat), optim, k),
                                    jr.key(0))
@@ -117,9 +120,30 @@ def flops_per_image(cfg: TrainConfig) -> float | None:
         state, metrics = train_step(eqx.combine(arrays, static), images, jnp.arange(images.shape[0]), **kwargs)
         return eqx.filter(state, eqx.is_array), metrics
 
-    cost = jax.jit(one_update).lower(arrays, images).cost_analysis()
+    return jax.jit(one_update, donate_argnums=(0,) if donate else ()).lower(arrays, images)
+
+
+def flops_per_image(cfg: TrainConfig) -> float | None:
+    """FLOPs of one update per image: XLA cost analysis of the un-optimised HLO of `train_step`."""
+    cost = lower_from_shapes(cfg).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older JAX returns one dict per program
     return float(cost["flops"]) / cfg.batch_size if cost and "flops" in cost else None
+
+
+def memory_plan(cfg: TrainConfig) -> dict:
+    """XLA's buffer plan for one update on one device of this host's backend, compiled from shapes
+    (state donated, as in training): argument, output, temporary and aliased bytes, and compile time.
+    It needs no memory for the model, so it answers "does batch B fit?" before anything is allocated."""
+    t0 = time.perf_counter()
+    lowered = lower_from_shapes(cfg, donate=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        m = lowered.compile().memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {"variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size, "remat": cfg.remat,
+            "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
+            "xla_bytes": int(total), "compile_s": time.perf_counter() - t0}
 
 
 def _peak_bytes(device) -> int | None:
@@ -250,6 +274,13 @@ def main(args: Args, base: TrainConfig | None = None) -> list[dict]:
             t0 = time.perf_counter()
             rows.append({"variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size,
                          "flops_per_image": flops_per_image(cfg), "count_s": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
+
+    if args.memory_only:
+        rows = []
+        for cfg in grid:
+            rows.append(memory_plan(cfg))
             print(json.dumps(rows[-1]), flush=True)
         return rows
 

@@ -207,3 +207,14 @@ def test_bench_runs_with_the_tiny_model(one_device, tmp_path):
     bench.append_table(results, [row], args)
     text = results.read_text()
     assert text.index("intro") < text.index("| score | float32 | 8 |") < text.index("## FID") < text.index("fid table")
+
+
+def test_bench_memory_plan_from_shapes():
+    """--memory-only compiles the tiny step from shapes: the donated state is aliased to the new state
+    (no second copy of the weights), and the total is arguments + outputs + temporaries − aliases."""
+    bench = _load_bench()
+    (row,) = bench.main(bench.Args(memory_only=True, batch_sizes=(8,), dtypes=("float32",), variants=("score",)),
+                        base=CFG)
+    assert row["batch"] == 8 and row["temp_bytes"] > 0 and row["compile_s"] > 0
+    assert 0.9 * row["output_bytes"] < row["alias_bytes"] <= row["output_bytes"]
+    assert row["xla_bytes"] == row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"] - row["alias_bytes"]
