@@ -42,7 +42,7 @@ import jax.random as jr
 import numpy as np
 import tyro
 
-from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule
+from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, build_state
 from scgcm.losses import Variant
 from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
 from scgcm.state import init_state, make_optimizer
@@ -175,7 +175,7 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
     t0 = time.perf_counter()
     if state_template is None:
-        state_template = init_state(build_model(cfg.model, key=jr.key(cfg.seed), remat=cfg.remat), optim, jr.key(1))
+        state_template = build_state(cfg, optim)  # as scgcm.train does: one compiled program
         jax.block_until_ready(state_template)
     state = replicate(_copy(state_template), mesh)
     jax.block_until_ready(state)
@@ -293,7 +293,7 @@ def main(args: Args, base: TrainConfig | None = None) -> list[dict]:
             if template is None:  # one init for the whole process: the model does not depend on the row
                 t0 = time.perf_counter()
                 optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-                template = init_state(build_model(cfg.model, key=jr.key(cfg.seed), remat=cfg.remat), optim, jr.key(1))
+                template = build_state(cfg, optim)
                 jax.block_until_ready(template)
                 init_s = time.perf_counter() - t0
             row = bench_one(cfg, args, template, init_s)

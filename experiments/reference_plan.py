@@ -23,7 +23,6 @@ import os
 import sys
 import time
 import types
-from functools import partial
 
 _src = argparse.ArgumentParser(add_help=False)
 _src.add_argument("--src", default=os.environ.get("SCGCM_REFERENCE_SRC", "/tmp/refsrc"))

@@ -12,13 +12,42 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 from PIL import Image
+
+
+def compile_cache_dir(setting: str, env: Mapping[str, str] = os.environ) -> Path | None:
+    """Where XLA's persistent compilation cache goes: 'off' → None; 'auto' → $JAX_COMPILATION_CACHE_DIR
+    if set, else <scgcm cache folder>/xla ($SCGCM_CACHE, $XDG_CACHE_HOME/scgcm or ~/.cache/scgcm);
+    anything else is a folder (~ expanded)."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(env["JAX_COMPILATION_CACHE_DIR"])
+    if env.get("SCGCM_CACHE"):
+        return Path(env["SCGCM_CACHE"]) / "xla"
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "scgcm" / "xla"
+
+
+def use_compile_cache(setting: str) -> Path | None:
+    """Point JAX's persistent compilation cache at `compile_cache_dir(setting)` (a process-wide JAX
+    option, so only entry points call this). A resumed or repeated run then loads its compiled step
+    instead of compiling it again."""
+    path = compile_cache_dir(setting)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def git_commit() -> tuple[str | None, bool]:

@@ -24,7 +24,7 @@ from scgcm.checkpoint import Checkpointer
 from scgcm.config import TrainConfig, build_model
 from scgcm.evaluate import data_statistics, rgb
 from scgcm.generate import Mode, generate, make_sampler
-from scgcm.rundir import save_grid
+from scgcm.rundir import save_grid, use_compile_cache
 from scgcm.state import TrainState, init_state, make_optimizer
 
 
@@ -62,6 +62,8 @@ class SampleArgs:
     """Reference statistics .npz for --fid (from `python -m scgcm.fid ref --out`)."""
     fid_source: str | None = None
     """Without --fid-ref: dataset whose train split gives the reference (default: the run's training data); cached."""
+    compile_cache: str = "auto"
+    """XLA's persistent compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/scgcm/xla), a folder, or 'off'."""
 
 
 def _from_dict(cls, values: dict):
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
     if args.fid and args.num < 2:
         raise SystemExit(f"error: --fid needs --num of at least 2 (got {args.num})")
+    use_compile_cache(args.compile_cache)
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
     if args.fid:  # the reference first, so that a missing file or dataset stops us before sampling

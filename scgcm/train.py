@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import tyro
 from tqdm.auto import tqdm
@@ -25,13 +24,13 @@ from scgcm import data as data_lib
 from scgcm import fid as fid_lib
 from scgcm import inception
 from scgcm.checkpoint import Checkpointer
-from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, validate_config, with_variant_workdir
+from scgcm.config import PRESETS, TrainConfig, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
-from scgcm.rundir import MetricsLog, save_grid, setup_logging, write_config
-from scgcm.state import init_state, make_optimizer
+from scgcm.rundir import MetricsLog, save_grid, setup_logging, use_compile_cache, write_config
+from scgcm.state import make_optimizer
 
 GRID_MODES = ("onestep", "heun")
 
@@ -98,10 +97,13 @@ def first_bad_update(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
 def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None) -> int:
     """Run (or resume) training; returns the process exit code. `extractor` gives the FID features
     (default: the standard Inception network; tests pass a cheap stand-in)."""
+    launched = time.perf_counter()
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(workdir)
     write_config(workdir, cfg)
+    cache = use_compile_cache(cfg.compile_cache)
+    log.info("XLA compilation cache: %s", cache or "off")
     m = cfg.model
     shape = (m.channels, m.image_size, m.image_size)
 
@@ -109,12 +111,9 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     log.info("data: %d images of %s from %s", len(images), images.shape[1:], cfg.data.source or "Hugging Face cifar10")
 
     mesh = make_mesh()
-    key = jr.key(cfg.seed)
-    model_key, train_key = jr.split(key)
-    model = build_model(m, key=model_key, remat=cfg.remat)
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-    state = init_state(model, optim, train_key)
-    (tp, ta), (hp, ha) = count_params(model.torso), count_params(model.head)
+    state = build_state(cfg, optim)
+    (tp, ta), (hp, ha) = count_params(state.model.torso), count_params(state.model.head)
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
 
@@ -196,6 +195,10 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
             busy += time.perf_counter() - started
+            if launched is not None:  # once per process: what a researcher waits for before training starts
+                log.info("first call done %.1f s after start (data, init, restore, compile, %d updates)",
+                         time.perf_counter() - launched, n)
+                launched = None
             bad = None if cfg.skip_nonfinite else first_bad_update(metrics)
             if bad is not None:
                 j, what = bad

@@ -1,11 +1,14 @@
 """The training and sampling CLIs end to end on the tiny configuration (issue 3)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cli import checkpoint_arrays, run_train  # smoke_run: conftest.py
+from scgcm.rundir import compile_cache_dir
 
 
 def test_smoke_run_outputs(smoke_run):
@@ -21,7 +24,19 @@ def test_smoke_run_outputs(smoke_run):
     assert final.shape == (8, 16, 16, 3) and final.dtype == np.uint8
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["config"]["total_steps"] == 8 and "jax_version" in config
-    assert "parameters: torso" in (smoke_run / "log.txt").read_text()
+    log = (smoke_run / "log.txt").read_text()
+    assert "parameters: torso" in log and "first call done" in log
+    assert f"XLA compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}" in log  # 'auto' takes JAX's variable
+
+
+def test_compile_cache_dir(tmp_path):
+    assert compile_cache_dir("off", {"JAX_COMPILATION_CACHE_DIR": "/x"}) is None
+    assert compile_cache_dir("auto", {"JAX_COMPILATION_CACHE_DIR": "/x", "SCGCM_CACHE": "/y"}) == Path("/x")
+    assert compile_cache_dir("auto", {"SCGCM_CACHE": "/y", "XDG_CACHE_HOME": "/z"}) == Path("/y/xla")
+    assert compile_cache_dir("auto", {"XDG_CACHE_HOME": "/z"}) == Path("/z/scgcm/xla")
+    assert compile_cache_dir("auto", {}) == Path.home() / ".cache" / "scgcm" / "xla"
+    assert compile_cache_dir(str(tmp_path / "c"), {"JAX_COMPILATION_CACHE_DIR": "/x"}) == tmp_path / "c"
+    assert compile_cache_dir("~/c", {}) == Path.home() / "c"
 
 
 def test_resume_is_bit_identical(smoke_run, tmp_path):

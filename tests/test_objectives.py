@@ -143,3 +143,20 @@ def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
     ct_after, dsm_after = map(float, evaluate(state.model))
     assert dsm_after < 0.99 * dsm_before, (dsm_before, dsm_after)
     assert np.isfinite(ct_after)
+
+
+def test_compiled_initial_state_equals_the_eager_one():
+    """build_state (one compiled program) gives the same state as building and initialising op by op."""
+    from scgcm.config import build_state
+    from scgcm.state import init_state, make_optimizer
+
+    cfg = tiny_config(seed=3)
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    model_key, train_key = jr.split(jr.key(3))
+    eager = init_state(build_model(cfg.model, key=model_key), optim, train_key)
+    compiled = build_state(cfg, optim)
+    leaves = lambda s: jax.tree_util.tree_leaves(eqx.filter(s, eqx.is_inexact_array))
+    assert len(leaves(compiled)) == len(leaves(eager)) > 100
+    for a, b in zip(leaves(compiled), leaves(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert jnp.array_equal(jr.key_data(compiled.key), jr.key_data(eager.key)) and int(compiled.step) == 0
