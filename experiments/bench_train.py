@@ -76,6 +76,8 @@ class Args:
     """Peak dense TFLOP/s of one device in the compute dtype, for MFU (e.g. 989 for H100 SXM bf16)."""
     flops: bool = True
     """Count FLOPs per image (one extra trace and lowering per row, no compilation)."""
+    gflops_per_image: float | None = None
+    """Use this FLOP count per image for MFU instead of counting (e.g. 216.3 for the paper model, RESULTS.md)."""
     flops_only: bool = False
     """Only count FLOPs per image, from shapes (no init, no compilation, no run)."""
     memory_only: bool = False
@@ -212,7 +214,7 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times) / cfg.steps_per_call if times else first_call_s / cfg.steps_per_call
     ips = cfg.batch_size / step_s
-    fpi = flops_per_image(cfg) if args.flops else None
+    fpi = args.gflops_per_image * 1e9 if args.gflops_per_image else flops_per_image(cfg) if args.flops else None
     compiled_flops = _compiled_flops(compiled)  # per device, the scan body once (= one update)
     mfu = fpi * ips / (args.peak_tflops * 1e12 * len(devices)) if fpi and args.peak_tflops else None
     return {

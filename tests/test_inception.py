@@ -200,3 +200,13 @@ def test_features_match_torchscript(net_fn, pt_path):
     diff = np.abs(ours - ref).max()
     print(f"max |jax - torchscript| = {diff:.3g} (features up to {np.abs(ref).max():.3g})")
     assert diff <= 1e-4
+
+
+def test_benchmark_shapes_are_the_standard_ones(params):
+    """experiments/bench_fid.py --weights random (for machines that cannot fetch the weights) builds the
+    network from experiments/inception_shapes.json: those must be the verified arrays' names and shapes."""
+    import json
+    from pathlib import Path
+
+    shapes = json.loads((Path(__file__).parent.parent / "experiments" / "inception_shapes.json").read_text())
+    assert shapes == {name: list(a.shape) for name, a in params.items()}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements issues 4 and 5 still need, in parts that each fit one 10-minute device call.
+#
+#   bash experiments/gpu_session.sh 1   # paper model, score, batch 256: float32 and bfloat16 (~4-5 min)
+#   bash experiments/gpu_session.sh 2   # bfloat16 at batch 512 (fits 80 GB?), the 50k one-step FID wall time (~5 min)
+#   bash experiments/gpu_session.sh 3   # float32 at batch 128, vanilla bfloat16 256, global batch 1024 by accumulation
+#   TINY=1 bash experiments/gpu_session.sh 1   # the same commands on the smoke model, to check the script on a CPU
+#
+# Run from the repository root. Results go to $OUT (the device tool's folder; ./gpu_out otherwise):
+# one JSON line per measurement in $OUT/part<N>.jsonl, markdown tables in $OUT/results.md, the log in
+# $OUT/part<N>.log. Every measurement runs in its own process under `timeout`, so a slow one costs only
+# itself. Wheels missing on the machine (tyro, beartype and their needs) are installed from .whl/ if present.
+# Copy the tables into experiments/RESULTS.md afterwards, with the device, the date and the command.
+set -u
+PART=${1:?usage: gpu_session.sh 1|2|3}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}  # the interpreter that has jax (the device image: python3)
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+LOG=$OUT/part$PART.log
+JSONL=$OUT/part$PART.jsonl
+exec > >(tee -a "$LOG") 2>&1
+
+if [ -n "${TINY:-}" ]; then  # CPU check of the script itself
+    MODEL=(--tiny); B1=8; B2=16; STEPS=2; FIDNUM=32; FIDB=16; FIDPRESET=smoke; LIMIT=300
+else
+    MODEL=(--gflops-per-image 216.3); B1=128; B2=256; STEPS=20; FIDNUM=50000; FIDB=1000; FIDPRESET=paper; LIMIT=280
+fi
+PEAK=989  # dense bf16 TFLOP/s of an H100 SXM (the H200 has the same compute)
+
+echo "== part $PART, $(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+"$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+train_row() {  # variant dtype batch [extra bench_train flags...]
+    local variant=$1 dtype=$2 batch=$3; shift 3
+    echo "== bench_train $variant $dtype $batch $*"
+    timeout "$LIMIT" "$PY" experiments/bench_train.py "${MODEL[@]}" --variants "$variant" --dtypes "$dtype" \
+        --batch-sizes "$batch" --steps "$STEPS" --no-flops --peak-tflops "$PEAK" --results "$OUT/results.md" "$@" \
+        | grep '^{' | tee -a "$JSONL"
+    echo "exit ${PIPESTATUS[0]}"
+}
+
+case $PART in
+1)
+    train_row score float32 "$B2"
+    train_row score bfloat16 "$B2"
+    ;;
+2)
+    train_row score bfloat16 $((2 * B2))
+    echo "== bench_fid --full (random Inception weights: the machine cannot fetch the standard ones; same speed)"
+    timeout "$LIMIT" "$PY" experiments/bench_fid.py --full --preset "$FIDPRESET" --num "$FIDNUM" \
+        --batch-size "$FIDB" --weights random | tee -a "$JSONL"
+    echo "exit ${PIPESTATUS[0]}"
+    ;;
+3)
+    train_row score float32 "$B1"
+    train_row vanilla bfloat16 "$B2"
+    train_row score bfloat16 $((4 * B2)) --grad-accum 4 --steps 3
+    ;;
+*)
+    echo "unknown part $PART"; exit 2 ;;
+esac
+echo "== part $PART done $(date -u '+%H:%M:%S')"
