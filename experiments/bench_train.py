@@ -23,8 +23,10 @@ Every row is printed as a JSON line, with its ratios to the first row of the run
 
 import dataclasses
 import datetime
+import gzip
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -80,6 +82,9 @@ class Args:
     """Use this FLOP count per image for MFU instead of counting (e.g. 216.3 for the paper model, RESULTS.md)."""
     flops_only: bool = False
     """Only count FLOPs per image, from shapes (no init, no compilation, no run)."""
+    profile: str | None = None
+    """Trace a few more calls with jax.profiler into this folder (TensorBoard/Perfetto files) and report the
+    device time per part of the step: convolutions, normalization, attention, optimizer, EMA, ..."""
     memory_only: bool = False
     """Only compile from shapes and report XLA's memory plan per device (no init, no run)."""
     isolate: bool = False
@@ -148,6 +153,65 @@ def memory_plan(cfg: TrainConfig) -> dict:
             "xla_bytes": int(total), "compile_s": time.perf_counter() - t0}
 
 
+# Parts of the step, by the op_name (JAX's name stack) XLA keeps on every instruction; first match wins.
+# The scopes optimizer, ema, nan_guard, metrics and attention are jax.named_scope's in scgcm.
+PARTS = (
+    ("optimizer (RAdam)", r"(^|/)optimizer(/|$)"),
+    ("EMA", r"(^|/)ema(/|$)"),
+    ("NaN guard", r"nan_guard"),
+    ("metrics (norms)", r"(^|/)metrics(/|$)"),
+    ("gradient all-reduce", r"pmean|psum|all-reduce"),
+    ("attention (QKᵀ, softmax, AV)", r"attention"),
+    ("convolution", r"conv_general_dilated"),
+    ("normalization", r"GroupNorm|LayerNorm"),
+    ("RNG (dropout, noise, σ)", r"Dropout|bernoulli|threefry|random_bits|_uniform|_normal|randint"),
+    ("SiLU", r"silu"),
+)
+
+
+def _part(op_name: str) -> str:
+    for part, pattern in PARTS:
+        if re.search(pattern, op_name):
+            return part
+    return "other (elementwise, dense, loss)"
+
+
+def time_by_part(trace_dir: Path, hlo_text: str, calls: int) -> dict[str, float]:
+    """Seconds per update of each part of the step (forward and backward apart), from the newest
+    jax.profiler trace under `trace_dir`: every traced XLA op (on a GPU the "XLA Ops" line; on a CPU the
+    thunks, with --xla_cpu_enable_xprof_traceme) is given its instruction's op_name from `hlo_text`.
+    Loops and conditionals are left out (their time is that of the ops inside). On a CPU ops run on
+    several threads at once, so the parts add up to more than the wall time."""
+    instructions = {}  # name -> (control-flow opcode or "", rest of the line)
+    for name, rest in re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", hlo_text, re.M):
+        control = re.search(r"[\]})] (while|conditional|call)\(", rest)
+        instructions[name] = (control.group(1) if control else "", rest)
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text).group(1)  # other programs (input copies) are left out
+    (path,) = sorted(trace_dir.glob("plugins/profile/*/*.trace.json.gz"), key=os.path.getmtime)[-1:]
+    with gzip.open(path, "rb") as f:
+        events = json.load(f)["traceEvents"]
+    xla_ops = {(e["pid"], e["tid"]) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["args"].get("name") == "XLA Ops"}
+    totals: dict[str, float] = {}
+    for e in events:
+        op, args = (e.get("args") or {}).get("hlo_op"), e.get("args") or {}
+        if (e.get("ph") != "X" or op is None or args.get("hlo_module", module) != module
+                or (xla_ops and (e["pid"], e["tid"]) not in xla_ops)):
+            continue
+        control, rest = instructions.get(op, (None, ""))
+        if control:
+            continue
+        name = re.search(r'op_name="([^"]*)"', rest)
+        if control is None:
+            key = "unattributed (op not in the program's text)"
+        elif name is None:
+            key = "no op_name (layout copies, buffers)"
+        else:
+            key = _part(name.group(1)) + (" backward" if "transpose(" in name.group(1) else "")
+        totals[key] = totals.get(key, 0.0) + e["dur"] * 1e-6 / calls
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def _peak_bytes(device) -> int | None:
     stats = device.memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
@@ -212,6 +276,15 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
         state, metrics = compiled(state, x)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
+    parts = None
+    if args.profile:
+        trace_dir = Path(args.profile) / f"{cfg.variant}-{cfg.compute_dtype}-{cfg.batch_size}"
+        calls = 3
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(calls):
+                state, metrics = compiled(state, fresh_images())
+                jax.block_until_ready((state, metrics))
+        parts = time_by_part(trace_dir, compiled.compiled.as_text(), calls * cfg.steps_per_call)
     step_s = statistics.median(times) / cfg.steps_per_call if times else first_call_s / cfg.steps_per_call
     ips = cfg.batch_size / step_s
     fpi = args.gflops_per_image * 1e9 if args.gflops_per_image else flops_per_image(cfg) if args.flops else None
@@ -227,6 +300,7 @@ def bench_one(cfg: TrainConfig, args: Args, state_template=None, init_s: float |
         "peak_bytes": _peak_bytes(devices[0]), "xla_bytes": _xla_bytes(compiled),
         "flops_per_image": fpi, "mfu": mfu,
         "compiled_flops_per_image": compiled_flops and compiled_flops * len(devices) / cfg.batch_size,
+        "seconds_by_part": parts,
         "loss_ct": float(metrics["loss_ct"][-1]), "loss_dsm": float(metrics["loss_dsm"][-1]),
         "finite": bool(np.all(metrics["finite_ct"]) and np.all(metrics["finite_dsm"]) and np.all(metrics["finite_grad"])),
     }
@@ -268,6 +342,9 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 def main(args: Args, base: TrainConfig | None = None) -> list[dict]:
     """All rows of the grid; `base` replaces the preset (tests pass their tiny configuration)."""
+    if args.profile and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+        # lets a CPU trace name every op (read when the backend starts, i.e. after this); no effect on GPUs
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     base = base if base is not None else PRESETS["smoke" if args.tiny else "paper"]
     grid = _grid(args, base)
     if args.flops_only:
@@ -335,6 +412,13 @@ def markdown(rows: list[dict], args: Args) -> str:
             f"| {r['time_to_first_step_s']:.1f} | {_fmt(gib(r['peak_bytes']), '.2f')} | {_fmt(gib(r['xla_bytes']), '.2f')} "
             f"| {_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | {_fmt(r['mfu'], '.1%')} |"
         )
+    for r in rows:
+        if r.get("seconds_by_part"):
+            total = sum(r["seconds_by_part"].values())
+            lines += ["", f"Where the time goes ({r['variant']}, {r['dtype']}, batch {r['batch']}; traced XLA ops, "
+                      f"{total * 1e3:.1f} ms per update in all, {r['step_s'] * 1e3:.1f} ms wall):", "",
+                      "| part | ms / update | share |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v * 1e3:.2f} | {v / total:.1%} |" for k, v in r["seconds_by_part"].items()]
     return "\n".join(lines) + "\n"
 
 

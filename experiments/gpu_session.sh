@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements issues 4 and 5 still need, in parts that each fit one 10-minute device call.
 #
-#   bash experiments/gpu_session.sh 1   # paper model, score, batch 256: float32 and bfloat16 (~4-5 min)
+#   bash experiments/gpu_session.sh 1   # paper model, score, batch 256: float32 and bfloat16, profiled (~5 min)
 #   bash experiments/gpu_session.sh 2   # bfloat16 at batch 512 (fits 80 GB?), the 50k one-step FID wall time (~5 min)
 #   bash experiments/gpu_session.sh 3   # float32 at batch 128, vanilla bfloat16 256, global batch 1024 by accumulation
 #   TINY=1 bash experiments/gpu_session.sh 1   # the same commands on the smoke model, to check the script on a CPU
@@ -48,8 +48,8 @@ train_row() {  # variant dtype batch [extra bench_train flags...]
 
 case $PART in
 1)
-    train_row score float32 "$B2"
-    train_row score bfloat16 "$B2"
+    train_row score float32 "$B2" --profile /tmp/scgcm-profile
+    train_row score bfloat16 "$B2" --profile /tmp/scgcm-profile
     ;;
 2)
     train_row score bfloat16 $((2 * B2))

@@ -95,9 +95,10 @@ class Attention(eqx.Module):
         c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(c, 3, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        logits = jnp.einsum("cq,ck->qk", q, k / math.sqrt(c)).astype(jnp.float32)  # softmax in float32
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        a = jnp.einsum("qk,ck->cq", weights, v).reshape(c, h, w)
+        with jax.named_scope("attention"):  # a name for profiles (experiments/bench_train.py --profile)
+            logits = jnp.einsum("cq,ck->qk", q, k / math.sqrt(c)).astype(jnp.float32)  # softmax in float32
+            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            a = jnp.einsum("qk,ck->cq", weights, v).reshape(c, h, w)
         return self.proj(a)
 
 

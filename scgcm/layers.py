@@ -162,7 +162,8 @@ class AttnBlock(eqx.Module):
         c, hgt, wid = x.shape
         g = self.norm(x)
         q, k, v = (layer(g).reshape(c, hgt * wid) for layer in (self.q, self.k, self.v))
-        logits = (q.T @ k).astype(jnp.float32) / math.sqrt(c)  # (queries, keys); softmax in float32
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        a = (v @ weights.T).reshape(c, hgt, wid)
+        with jax.named_scope("attention"):  # a name for profiles (experiments/bench_train.py --profile)
+            logits = (q.T @ k).astype(jnp.float32) / math.sqrt(c)  # (queries, keys); softmax in float32
+            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            a = (v @ weights.T).reshape(c, hgt, wid)
         return (x + self.proj(a)) / math.sqrt(2.0)

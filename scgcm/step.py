@@ -96,29 +96,35 @@ def train_step(
     if axis_name is not None:
         loss_ct, loss_dsm, grads = jax.lax.pmean((loss_ct, loss_dsm, grads), axis_name)
 
-    updates, opt_state = optim.update(grads, state.opt_state, trainable)
-    new_trainable = eqx.apply_updates(trainable, updates)
+    with jax.named_scope("optimizer"):  # scopes name the parts in profiles (experiments/bench_train.py --profile)
+        updates, opt_state = optim.update(grads, state.opt_state, trainable)
+        new_trainable = eqx.apply_updates(trainable, updates)
     step = state.step + 1
     ema_trainable, ema_frozen = split_trainable(state.ema)
-    ema = eqx.combine(ema_update(ema_trainable, new_trainable, step, ema_decay, ema_copy_steps), ema_frozen)
+    with jax.named_scope("ema"):
+        ema = eqx.combine(ema_update(ema_trainable, new_trainable, step, ema_decay, ema_copy_steps), ema_frozen)
     new_state = TrainState(eqx.combine(new_trainable, frozen), ema, opt_state, step, state.key)
 
-    finite = {
-        "finite_ct": jnp.isfinite(loss_ct),
-        "finite_dsm": jnp.isfinite(loss_dsm),
-        "finite_grad": _all_finite(grads),
-    }
-    ok = finite["finite_ct"] & finite["finite_dsm"] & finite["finite_grad"]
     parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state)
-    # one cond, not a select per array: the per-array selects tripled the step's XLA compile time on CPU
-    model, ema, opt_state = jax.lax.cond(ok, lambda: parts(new_state), lambda: parts(state))
+    with jax.named_scope("nan_guard"):
+        finite = {
+            "finite_ct": jnp.isfinite(loss_ct),
+            "finite_dsm": jnp.isfinite(loss_dsm),
+            "finite_grad": _all_finite(grads),
+        }
+        ok = finite["finite_ct"] & finite["finite_dsm"] & finite["finite_grad"]
+        # one cond, not a select per array: the per-array selects tripled the step's XLA compile time on CPU
+        model, ema, opt_state = jax.lax.cond(ok, lambda: parts(new_state), lambda: parts(state))
     new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key)
 
+    with jax.named_scope("metrics"):
+        grad_norm = optax.global_norm(grads.torso)
+        update_distance = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso))
     metrics = {
         "loss_ct": loss_ct,
         "loss_dsm": loss_dsm,
-        "grad_norm": optax.global_norm(grads.torso),
-        "update_distance": optax.global_norm(jax.tree_util.tree_map(jnp.subtract, new_trainable.torso, trainable.torso)),
+        "grad_norm": grad_norm,
+        "update_distance": update_distance,
         "num_scales": schedule.num_scales(state.step),
         "skipped": (~ok).astype(jnp.int32),
         **finite,

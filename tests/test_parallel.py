@@ -1,6 +1,6 @@
 """One training call under shard_map, gradient accumulation, bfloat16 compute, remat (issue 5).
 
-conftest.py gives this process 8 simulated CPU devices. Every run starts from the same tiny model,
+conftest.py gives this process 8 simulated CPU devices (and per-op CPU profiler events). Every run starts from the same tiny model,
 its weights moved off their near-zero init (so every path, the output convs included, carries
 signal), and makes two updates (steps_per_call=2) on the same global batch of 8 images. Compiled
 train functions are shared through module-scoped fixtures; `make_train_fn` donates its inputs, so
@@ -194,8 +194,13 @@ def test_bench_runs_with_the_tiny_model(one_device, tmp_path):
     """experiments/bench_train.py on one device, the test's tiny configuration, one timed call."""
     bench = _load_bench()
     args = bench.Args(tiny=True, batch_sizes=(8,), dtypes=("float32",), variants=("score",), steps=1,
-                      steps_per_call=CFG.steps_per_call, devices=1)
+                      steps_per_call=CFG.steps_per_call, devices=1, profile=str(tmp_path / "profile"))
     (row,) = bench.main(args, base=CFG)
+    parts = row["seconds_by_part"]  # every traced op found in the program and given a part of the step
+    assert not any(k.startswith("unattributed") for k in parts), parts
+    for part in ("convolution", "convolution backward", "normalization", "attention (QKᵀ, softmax, AV)",
+                 "optimizer (RAdam)", "EMA", "NaN guard"):
+        assert parts.get(part, 0) > 0, (part, parts)
     assert row["finite"] and row["devices"] == 1 and row["batch"] == 8 and row["timed_calls"] == 1
     assert row["images_per_s"] > 0 and row["images_per_s_ratio"] == 1.0
     assert row["compile_s"] > 0 and row["time_to_first_step_s"] >= row["compile_s"]
@@ -207,6 +212,7 @@ def test_bench_runs_with_the_tiny_model(one_device, tmp_path):
     bench.append_table(results, [row], args)
     text = results.read_text()
     assert text.index("intro") < text.index("| score | float32 | 8 |") < text.index("## FID") < text.index("fid table")
+    assert text.index("| score | float32 | 8 |") < text.index("| convolution backward |") < text.index("## FID")
 
 
 def test_bench_memory_plan_from_shapes():
