@@ -17,19 +17,15 @@ from PIL import Image
 
 from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
-from scgcm.config import FIDConfig, HeadConfig, ModelConfig, TorsoConfig, build_model, validate_config
+from scgcm.config import FIDConfig, build_model, validate_config
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid, read_fids
 from scgcm.generate import make_sampler
-from tiny import tiny_config
+from tiny import MICRO_MODEL, tiny_config
 
 MODES = ("onestep", "twostep", "heun")
 RUN_MODES = ("onestep", "twostep")
 # Smaller than tests/tiny.py: one level, no attention, 8×8 images; compiling the train step dominates.
-MICRO = ModelConfig(
-    torso=TorsoConfig(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
-    head=HeadConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_levels=()),
-    image_size=8,
-)
+MICRO = MICRO_MODEL
 
 
 class StandIn(eqx.Module):

@@ -56,21 +56,37 @@ def test_second_signal_exits_at_once(tmp_path):
     assert "second signal SIGINT: exiting now" in err
 
 
+def _kill_during(proc: subprocess.Popen, log: Path, after: str | None, delay: float) -> None:
+    """kill -9 `delay` seconds after `after` appears in the run's log (after the start if None); the run
+    must still be going then, or the trial would test nothing."""
+    deadline = time.monotonic() + 300
+    while after is not None and after not in (log.read_text() if log.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before logging {after!r}"
+        time.sleep(0.05)
+    time.sleep(delay)
+    assert proc.poll() is None, f"the run ended before the kill ({delay:.1f} s after {after!r})"
+    proc.kill()
+    proc.wait()
+
+
 def test_sigkill_at_random_moments_resumes_to_the_same_parameters(smoke_run, tmp_path):
-    """Three trials: kill -9 at a random moment (compile, steps, checkpoint writes), restart, finish.
-    Every trial must end with exactly the arrays of the uninterrupted run."""
+    """kill -9 at a random moment, restart, finish: the arrays of the uninterrupted run, exactly. Two trials,
+    placed by the run's progress rather than by the clock (a warm compilation cache makes the run short):
+    one during start-up (data, init, compile or cache load), one after the step-4 checkpoint, during the
+    last updates or the step-8 checkpoint write (its restart resumes from step 4)."""
     reference = checkpoint_arrays(smoke_run, 8)
     rng = random.Random(0)
-    for trial in range(3):
+    moments = [(None, rng.uniform(2.0, 8.0)), ("checkpoint saved at step 4", rng.uniform(0.0, 1.5))]
+    for trial, (after, delay) in enumerate(moments):
         workdir = tmp_path / f"trial{trial}"
         proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 22.0))
-        proc.kill()
-        proc.wait()
+        _kill_during(proc, workdir / "log.txt", after, delay)
         result = run_train(workdir, "--config.sample.no-final-sampling")
         assert result.returncode == 0, result.stderr[-3000:]
         final = checkpoint_arrays(workdir, 8)
         assert [k for k in reference if not np.array_equal(final[k], reference[k])] == [], f"trial {trial}"
+        if after is not None:
+            assert "resumed from" in (workdir / "log.txt").read_text()
 
 
 NAN_AT_5 = {"SCGCM_FAULT_NAN_STEP": "5"}  # the batch of update 6 (step 5 → 6) is planted with NaN

@@ -11,6 +11,13 @@ TINY_MODEL = ModelConfig(
     image_size=16,
 )
 
+# Smaller still (one level, no attention), where only the plumbing matters: fewest ops, fastest compiles.
+MICRO_MODEL = ModelConfig(
+    torso=TorsoConfig(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()),
+    head=HeadConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_levels=()),
+    image_size=8,
+)
+
 
 def tiny_config(**overrides) -> TrainConfig:
     base = dataclasses.replace(SMOKE, model=TINY_MODEL, batch_size=8, steps_per_call=2)
