@@ -17,9 +17,10 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the interpreter that has jax (the device image: python3)
+SCRATCH=$(mktemp -d)  # carried wheels' install folder, profiler traces
 if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SCRATCH/site" .whl/*.whl \
+        && export PYTHONPATH=$SCRATCH/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 LOG=$OUT/part$PART.log
@@ -48,8 +49,8 @@ train_row() {  # variant dtype batch [extra bench_train flags...]
 
 case $PART in
 1)
-    train_row score float32 "$B2" --profile /tmp/scgcm-profile
-    train_row score bfloat16 "$B2" --profile /tmp/scgcm-profile
+    train_row score float32 "$B2" --profile "$SCRATCH/profile"
+    train_row score bfloat16 "$B2" --profile "$SCRATCH/profile"
     ;;
 2)
     train_row score bfloat16 $((2 * B2))

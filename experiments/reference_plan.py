@@ -11,9 +11,9 @@ names removed from JAX since 0.4.20 are aliased.
 
 Set-up (a separate environment: the reference needs flax and hydra, scgcm does not):
 
-    git clone https://github.com/boingkiri/stabilizing_consistency /tmp/refsrc   # or the `fetch` snapshot
-    python -m venv /tmp/refenv && /tmp/refenv/bin/pip install "jax[cpu]==$(python -c 'import jax; print(jax.__version__)')" flax optax hydra-core einops tqdm
-    /tmp/refenv/bin/python experiments/reference_plan.py --src /tmp/refsrc --batch-sizes 4 8
+    git clone https://github.com/boingkiri/stabilizing_consistency ../refsrc   # or the `fetch` snapshot
+    python -m venv ../refenv && ../refenv/bin/pip install "jax[cpu]==$(python -c 'import jax; print(jax.__version__)')" flax optax hydra-core einops tqdm
+    ../refenv/bin/python experiments/reference_plan.py --src ../refsrc --batch-sizes 4 8
 
 Compare with `python experiments/bench_train.py --memory-only --batch-sizes 4 8 --dtypes float32 --variants score`
 under the same JAX version on the same host (experiments/RESULTS.md, "Memory").
@@ -25,7 +25,7 @@ import time
 import types
 
 _src = argparse.ArgumentParser(add_help=False)
-_src.add_argument("--src", default=os.environ.get("SCGCM_REFERENCE_SRC", "/tmp/refsrc"))
+_src.add_argument("--src", default=os.environ.get("SCGCM_REFERENCE_SRC", "../refsrc"))
 SRC = os.path.abspath(_src.parse_known_args()[0].src)  # the reference checkout, imported below
 sys.path.insert(0, SRC)
 
