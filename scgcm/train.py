@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     interval: list[dict] = []
     skipped_total = 0
     fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
-    busy = 0.0  # seconds spent in training calls since the last log line (not sampling or saving)
+    busy, timed = 0.0, 0  # seconds in training calls since the last log line (not sampling, saving or the
+    # first call's compilation), and the updates they made
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
     code = 0
     try:
@@ -194,11 +195,12 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
             batch = global_batch(host_batch, mesh)
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
-            busy += time.perf_counter() - started
             if launched is not None:  # once per process: what a researcher waits for before training starts
                 log.info("first call done %.1f s after start (data, init, restore, compile, %d updates)",
                          time.perf_counter() - launched, n)
                 launched = None
+            else:
+                busy, timed = busy + time.perf_counter() - started, timed + n
             bad = None if cfg.skip_nonfinite else first_bad_update(metrics)
             if bad is not None:
                 j, what = bad
@@ -215,14 +217,14 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
 
             if step % cfg.log_every < n or step >= end:
                 record = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
-                record.update(images_per_sec=len(interval) * n * cfg.batch_size / busy,
+                record.update(images_per_sec=timed * cfg.batch_size / busy if timed else None,  # None: compile only
                               kimg=step * cfg.batch_size / 1000, skipped_total=skipped_total,
                               lr_torso=cfg.optim.torso_lr, lr_head=cfg.optim.head_lr)
                 metrics_log.write(step, record)
                 bar.set_postfix(ct=f"{record['loss_ct']:.4f}", dsm=f"{record['loss_dsm']:.4f}",
-                                N=int(record["num_scales"]), lr=cfg.optim.torso_lr, ips=f"{record['images_per_sec']:.0f}",
+                                N=int(record["num_scales"]), lr=cfg.optim.torso_lr, ips=f"{record['images_per_sec'] or 0:.0f}",
                                 **{f"fid_{k}": f"{v:.2f}" for k, v in fids.items()})
-                interval, busy = [], 0.0
+                interval, busy, timed = [], 0.0, 0
             if step % cfg.sample.sampling_step < n:
                 save_grids(step)
             if step % cfg.saving_step < n and step < end:
