@@ -258,7 +258,7 @@ def build_model(cfg: ModelConfig, *, key, remat: bool = False) -> SCGCM:
 
 
 def build_state(cfg: "TrainConfig", optim: optax.GradientTransformation) -> TrainState:
-    """The run's initial state: model from fold 0 of key(seed), training key from fold 1.
+    """The run's initial state: the model from the first key of split(key(seed)), the training key the second.
 
     Built by one compiled program rather than op by op: XLA's persistent cache keeps that program,
     so a rerun or a resumed run initialises in about a second (op-by-op initialisation compiles
