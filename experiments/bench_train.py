@@ -137,6 +137,18 @@ def flops_per_image(cfg: TrainConfig) -> float | None:
     return float(cost["flops"]) / cfg.batch_size if cost and "flops" in cost else None
 
 
+def flops_row(cfg: TrainConfig) -> dict:
+    t0 = time.perf_counter()
+    fpi = flops_per_image(cfg)
+    return {"variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size,
+            "flops_per_image": fpi, "count_s": time.perf_counter() - t0}
+
+
+def _total_bytes(m) -> int:
+    """What one device holds for the program: arguments + outputs + temporaries − donated (aliased) bytes."""
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 def memory_plan(cfg: TrainConfig) -> dict:
     """XLA's buffer plan for one update on one device of this host's backend, compiled from shapes
     (state donated, as in training): argument, output, temporary and aliased bytes, and compile time.
@@ -146,11 +158,10 @@ def memory_plan(cfg: TrainConfig) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         m = lowered.compile().memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     return {"variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size, "remat": cfg.remat,
             "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
             "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-            "xla_bytes": int(total), "compile_s": time.perf_counter() - t0}
+            "xla_bytes": _total_bytes(m), "compile_s": time.perf_counter() - t0}
 
 
 # Parts of the step, by the op_name (JAX's name stack) XLA keeps on every instruction; first match wins.
@@ -219,8 +230,7 @@ def _peak_bytes(device) -> int | None:
 
 def _xla_bytes(compiled) -> int | None:
     try:
-        m = compiled.compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+        return _total_bytes(compiled.compiled.memory_analysis())
     except Exception:  # not every backend implements it
         return None
 
@@ -347,19 +357,10 @@ def main(args: Args, base: TrainConfig | None = None) -> list[dict]:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
     base = base if base is not None else PRESETS["smoke" if args.tiny else "paper"]
     grid = _grid(args, base)
-    if args.flops_only:
+    if args.flops_only or args.memory_only:  # from shapes: nothing initialised, nothing run
         rows = []
         for cfg in grid:
-            t0 = time.perf_counter()
-            rows.append({"variant": cfg.variant, "dtype": cfg.compute_dtype, "batch": cfg.batch_size,
-                         "flops_per_image": flops_per_image(cfg), "count_s": time.perf_counter() - t0})
-            print(json.dumps(rows[-1]), flush=True)
-        return rows
-
-    if args.memory_only:
-        rows = []
-        for cfg in grid:
-            rows.append(memory_plan(cfg))
+            rows.append(memory_plan(cfg) if args.memory_only else flops_row(cfg))
             print(json.dumps(rows[-1]), flush=True)
         return rows
 
