@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scgcm.errors import UserError
+
 HF_CIFAR10 = "uoft-cs/cifar10"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -29,7 +31,7 @@ SOURCE_HELP = (
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user can fix; the message is one line."""
 
 
