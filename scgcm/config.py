@@ -19,7 +19,8 @@ from scgcm.model import SCGCM
 from scgcm.state import TrainState, init_state
 from scgcm.torso import NCSNpp
 
-Preset = Literal["paper", "smoke"]
+Preset = Literal["paper", "smoke", "cpu"]
+Recipe = Literal["reference", "ict"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,12 @@ class FIDConfig:
     """Seed of the evaluation latents, the same at every evaluation (reference: PRNGKey(42))."""
     ref: str | None = None
     """Reference statistics .npz (`python -m scgcm.fid ref --out`); None: computed from the training data, cached."""
+    at_start: bool = False
+    """Also evaluate the untrained model (step 0) of a new run: the baseline every later FID is read against."""
+    final_num: int | None = None
+    """Samples per mode of the evaluation at the end of training (None: `num`)."""
+    final_modes: tuple[FIDMode, ...] | None = None
+    """Modes evaluated at the end of training (None: `modes`)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,10 @@ class TrainConfig:
     variant: Variant = "score"
     """'score': the head's gradient reaches the torso; 'vanilla': plain iCT (the head is a passive probe)."""
     preset: Preset = "paper"
-    """Defaults to start from: 'paper' (the method's run) or 'smoke' (tiny model, CPU, minutes)."""
+    """Defaults to start from: 'paper' (the method's run), 'cpu' (the most a 2-core CPU learns in ~25 min) or 'smoke' (tiny model, minutes)."""
+    recipe: Recipe = "reference"
+    """'reference': the original code's choices; 'ict': the iCT paper's where they differ (quirks Q1, Q2, Q6):
+    per-image pseudo-Huber with c = 0.00054·sqrt(d), c_noise = 1000·ln(σ)/4, two-step σ 0.821."""
     workdir: str = "runs/score"
     """Run directory; an existing one is resumed from its latest checkpoint."""
     seed: int = 42
@@ -224,7 +234,45 @@ SMOKE = TrainConfig(
     fid=FIDConfig(enabled=False, num=256, batch_size=64),  # Inception runs at ~5 images/s on a CPU
 )
 
-PRESETS: dict[str, TrainConfig] = {"paper": TrainConfig(), "smoke": SMOKE}
+# The most real CIFAR-10 structure 2 CPU cores learn in about 25 minutes a run (~17 training, ~6 FID):
+# sizes measured with experiments/choose_cpu_preset.py (reasoning in experiments/RESULTS.md, "CPU
+# study"): doubling nf costs 4.5× the time here, so the smoke torso's width (nf 8, three levels) and
+# more updates beat a wider net. Data: the 1,017 real test images in ../shared/data/cifar10-subset.
+# FID: 250 one-step samples at steps 0, 200 and 400, and 1,000 one- and two-step samples at the end
+# (Inception runs at ~5-10 images/s here), all against the training images.
+CPU = TrainConfig(
+    preset="cpu",
+    workdir="runs/cpu",
+    total_steps=600,
+    batch_size=32,
+    steps_per_call=4,
+    saving_step=200,
+    log_every=20,
+    model=ModelConfig(
+        torso=TorsoConfig(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
+        head=HeadConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
+    ),
+    ict=ICTConfig(s0=10, s1=160),
+    optim=OptimConfig(torso_lr=4e-4, head_lr=4e-4, ema_decay=0.995),
+    data=DataConfig(source="../shared/data/cifar10-subset", split="test"),
+    sample=SampleConfig(sampling_step=100, grid_size=64, batch_size=64, heun_steps=10, final_num=64),
+    fid=FIDConfig(num=250, modes=("onestep",), batch_size=25, at_start=True, final_num=1000, final_modes=("onestep", "twostep")),
+)
+
+PRESETS: dict[str, TrainConfig] = {"paper": TrainConfig(), "smoke": SMOKE, "cpu": CPU}
+
+
+def apply_recipe(cfg: TrainConfig, recipe: Recipe) -> TrainConfig:
+    """`cfg` with the choices of `recipe`: 'ict' changes exactly quirks Q1 (per-image pseudo-Huber with
+    the published c = 0.00054·sqrt(d)), Q2 (c_noise = 1000·ln(σ)/4) and Q6 (two-step σ 0.821)."""
+    if recipe == "reference":
+        return dataclasses.replace(cfg, recipe=recipe)
+    return dataclasses.replace(
+        cfg, recipe=recipe,
+        loss=dataclasses.replace(cfg.loss, huber_form="per_image", huber_c=None),
+        model=dataclasses.replace(cfg.model, noise_scale=1000.0),
+        sample=dataclasses.replace(cfg.sample, two_step_sigma=0.821),
+    )
 
 
 def build_model(cfg: ModelConfig, *, key, remat: bool = False) -> SCGCM:

@@ -128,6 +128,13 @@ class MetricsLog:
         keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
+    def last(self, key: str, default=None):
+        """The last value of `key` in the file (e.g. elapsed_s, to continue it after a resume)."""
+        if not self.path.exists():
+            return default
+        values = [r[key] for r in map(json.loads, filter(str.strip, self.path.read_text().splitlines())) if key in r]
+        return values[-1] if values else default
+
     def write(self, step: int, values: dict) -> None:
         if jax.process_index() != 0:  # one writer in a multi-host run
             return

@@ -24,7 +24,7 @@ from scgcm import data as data_lib
 from scgcm import fid as fid_lib
 from scgcm import inception
 from scgcm.checkpoint import Checkpointer
-from scgcm.config import PRESETS, TrainConfig, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
+from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
@@ -134,8 +134,8 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     )
     samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
                                    two_step_sigma=cfg.sample.two_step_sigma, heun_steps=cfg.sample.heun_steps)
-                for mode in dict.fromkeys((*GRID_MODES, *cfg.fid.modes, "onestep"))}
-    evaluator = None
+                for mode in dict.fromkeys((*GRID_MODES, *cfg.fid.modes, *(cfg.fid.final_modes or ()), "onestep"))}
+    evaluator = final_evaluator = None
     if cfg.fid.enabled:
         if extractor is None:
             extractor = fid_lib.FeatureExtractor(inception.load_inception(), batch_size=cfg.fid.batch_size)
@@ -145,7 +145,12 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
             synthetic_size=d.synthetic_size, seed=cfg.seed)
         evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in cfg.fid.modes},
                                  num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
+        final_modes, final_num = cfg.fid.final_modes or cfg.fid.modes, cfg.fid.final_num or cfg.fid.num
+        final_evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in final_modes},
+                                       num=final_num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
     metrics_log = MetricsLog(workdir, resume_step=step, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg)
+    # wall-clock seconds of the run over all its starts (set-up and compilation included), for comparisons
+    elapsed_before, started_at = metrics_log.last("elapsed_s", 0.0), launched
 
     def save_grids(at: int) -> None:
         for mode in GRID_MODES:
@@ -154,21 +159,25 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
 
     fids: dict[str, float] = {}  # the latest evaluation, shown in the progress bar
 
-    def evaluate_fid(at: int) -> dict[str, float]:
-        fids.update(evaluator(state.ema))
-        metrics_log.write(at, {f"fid_{mode}": value for mode, value in fids.items()})
-        log.info("FID at step %d (%d samples): %s", at, cfg.fid.num, ", ".join(f"{k} {v:.3f}" for k, v in fids.items()))
+    def evaluate_fid(at: int, final: bool = False) -> dict[str, float]:
+        which = final_evaluator if final else evaluator
+        scores = which(state.ema)
+        fids.update(scores)
+        metrics_log.write(at, {**{f"fid_{mode}": value for mode, value in scores.items()}, "num_fid_samples": which.num})
+        log.info("FID at step %d (%d samples): %s", at, which.num, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         if jax.process_index() == 0:
             plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
-        return dict(fids)
+        return scores
 
-    def save_checkpoint(at: int, with_fid: bool = False) -> None:
-        """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs, then the best per mode."""
-        scores = evaluate_fid(at) if with_fid and evaluator is not None else {}
+    def save_checkpoint(at: int, with_fid: bool = False, final: bool = False) -> None:
+        """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs (the final evaluation's
+        modes and count when `final`), then the best per mode."""
+        scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
         ckpt.save(at, state)
         log.info("checkpoint saved at step %d", at)
+        comparable = not final or final_evaluator.num == evaluator.num  # FID depends on the sample count
         for mode, value in scores.items():
-            if np.isfinite(value):
+            if comparable and mode in cfg.fid.modes and np.isfinite(value):
                 ckpt.save_best(mode, at, state, value)
 
     end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
@@ -187,6 +196,8 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
     code = 0
     try:
+        if evaluator is not None and cfg.fid.at_start and step == 0:
+            evaluate_fid(0)  # the untrained model: the baseline of every later FID
         while step < end:
             started = time.perf_counter()
             host_batch = next(loader)
@@ -212,13 +223,16 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
                 )
             step += n
             skipped_total += int(np.sum(metrics["skipped"]))
-            interval.append({k: float(np.mean(v)) for k, v in metrics.items() if not k.startswith("finite")})
+            interval.append({k: float(np.mean(v)) for k, v in metrics.items() if not k.startswith("finite")}
+                            | {"grad_norm_max": float(np.max(metrics["grad_norm"]))})
             bar.update(n)
 
             if step % cfg.log_every < n or step >= end:
                 record = {k: float(np.mean([r[k] for r in interval])) for k in interval[0]}
+                record["grad_norm_max"] = max(r["grad_norm_max"] for r in interval)
                 record.update(images_per_sec=timed * cfg.batch_size / busy if timed else None,  # None: compile only
                               kimg=step * cfg.batch_size / 1000, skipped_total=skipped_total,
+                              elapsed_s=elapsed_before + time.perf_counter() - started_at,
                               lr_torso=cfg.optim.torso_lr, lr_head=cfg.optim.head_lr)
                 metrics_log.write(step, record)
                 bar.set_postfix(ct=f"{record['loss_ct']:.4f}", dsm=f"{record['loss_dsm']:.4f}",
@@ -233,7 +247,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
                 save_checkpoint(step)
                 log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
                 return 128 + stop.signum
-        save_checkpoint(step, with_fid=step > start_step)
+        save_checkpoint(step, with_fid=step > start_step, final=step >= cfg.total_steps)
     except NonFiniteError as e:
         log.error("%s", e)
         code = 3
@@ -250,7 +264,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         np.savez_compressed(workdir / "samples" / "final_onestep.npz", images=samples)
         save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
         log.info("final samples: %s", workdir / "samples" / "final_onestep.npz")
-        if evaluator is not None:
+        if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
             log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
                      evaluator.score(samples, "final onestep"))
     ckpt.close()
@@ -262,15 +276,22 @@ class Args:
     config: TrainConfig
 
 
-def parse(argv: list[str]) -> TrainConfig:
-    """tyro CLI whose defaults come from the preset named by --config.preset (paper by default)."""
-    preset = "paper"
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of the last `name VALUE` or `name=VALUE` in argv."""
+    value = None
     for i, a in enumerate(argv):
-        if a.startswith("--config.preset="):
-            preset = a.split("=", 1)[1]
-        elif a == "--config.preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-    default = PRESETS.get(preset, PRESETS["paper"])
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    """tyro CLI whose defaults come from the preset named by --config.preset (paper by default), with
+    the choices of --config.recipe applied; any other flag given still wins."""
+    preset = _flag(argv, "--config.preset") or "paper"
+    default = apply_recipe(PRESETS.get(preset, PRESETS["paper"]), "ict" if _flag(argv, "--config.recipe") == "ict" else "reference")
     return tyro.cli(Args, args=argv, default=Args(default), description=__doc__).config
 
 

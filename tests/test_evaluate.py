@@ -141,7 +141,8 @@ def test_training_logs_fid_and_keeps_best_checkpoints(fid_run, cache):
     fids = [r for r in records if any(k.startswith("fid_") for k in r)]
     assert [r["step"] for r in fids] == [2, 4]
     for r in fids:
-        assert {f"fid_{m}" for m in RUN_MODES} == set(r) - {"step"} and all(np.isfinite(r[f"fid_{m}"]) for m in RUN_MODES)
+        assert {f"fid_{m}" for m in RUN_MODES} == set(r) - {"step", "num_fid_samples"} and r["num_fid_samples"] == 16
+        assert all(np.isfinite(r[f"fid_{m}"]) for m in RUN_MODES)
     checkpoints = workdir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best_onestep", "best_twostep", "latest"]
     for mode in RUN_MODES:
@@ -176,3 +177,78 @@ def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch,
     assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(printed, rel=1e-4, abs=1e-4)
     with pytest.raises(SystemExit, match="no such file"):
         sample.main([*args, "--fid-ref", str(tmp_path / "missing.npz")])
+
+
+# ------------------------------------------------------------------- the run report (issue 10)
+
+
+def _records(workdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_report_on_two_runs(smoke_run, fid_run, tmp_path):
+    """`scgcm.report` on the session's smoke run (no FID) and the FID run: every plot, the grids side by
+    side, and report.md with the numbers of the metrics files."""
+    from scgcm import report
+
+    out = tmp_path / "report"
+    runs = [str(smoke_run), fid_run.workdir]
+    assert report.main([*runs, "--out", str(out), "--names", "plain", "withfid"]) == 0
+    curves = {"loss_ct", "loss_dsm", "grad_norm", "update_distance", "num_scales", "images_per_sec", "skipped_total"}
+    assert {p.stem for p in out.glob("*.png")} >= curves | {f"fid_{m}" for m in RUN_MODES}
+    for name in curves:
+        assert Image.open(out / f"{name}.png").size[0] > 500
+    md = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines()
+            if line.startswith("| plain") or line.startswith("| withfid")}
+    plain, withfid = _records(smoke_run), _records(fid_run.workdir)
+    assert rows["plain"][5] == f"{plain[-1]['step']:,}" and rows["withfid"][5] == f"{max(r['step'] for r in withfid):,}"
+    assert rows["plain"][6] == f"{plain[-1]['kimg']:,.1f}"
+    assert rows["plain"][8] == f"{plain[-1]['loss_ct']:,.4f}"
+    fid_lines = [line for line in md.splitlines() if line.startswith("| withfid | onestep")]
+    onestep = [(r["step"], r["fid_onestep"]) for r in withfid if "fid_onestep" in r]
+    best = min(onestep, key=lambda sv: sv[1])
+    assert len(fid_lines) == 1 and f"{best[1]:,.2f} ({best[0]:,})" in fid_lines[0]
+    assert f"{onestep[-1][1]:,.2f} ({onestep[-1][0]:,})" in fid_lines[0] and "| 16 |" in fid_lines[0]
+    assert "plain" not in "".join(line for line in md.splitlines() if "| onestep |" in line)  # no FID, no row
+
+
+def test_report_single_run_without_fid_and_bad_input(smoke_run, tmp_path, capsys):
+    from scgcm import report
+    from scgcm.errors import run_cli
+
+    assert report.main([str(smoke_run), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "No FID has been computed" in md and (tmp_path / "r" / "grids_onestep.png").is_file()
+    (tmp_path / "empty").mkdir()
+    assert run_cli(report.main, [str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no metrics.jsonl" in err
+
+
+def test_spike_count():
+    from scgcm.report import count_spikes
+
+    means = np.ones(30)
+    peaks = np.ones(30) * 1.5
+    peaks[[5, 12, 20]] = [10.0, 2.9, 3.5]  # index 5 lies in the first window (not judged); 2.9 < 3 × median 1
+    assert count_spikes(means, peaks, factor=3.0, window=10) == 1
+    assert count_spikes(means, peaks, factor=2.0, window=10) == 2
+
+
+def test_fid_of_the_untrained_model_and_a_larger_final_evaluation(fid_run, tmp_path, extractor, cache):
+    """`fid.at_start` scores step 0; `fid.final_num`/`final_modes` change the last evaluation, which then
+    keeps no best checkpoint (its count differs from the others'). Same programs as fid_run: compiled once."""
+    from scgcm.train import train
+
+    cfg = dataclasses.replace(fid_run, workdir=str(tmp_path / "run"), fid=dataclasses.replace(
+        fid_run.fid, at_start=True, final_num=32, final_modes=("onestep",)))
+    assert train(cfg, extractor=extractor) == 0
+    fids = [r for r in _records(cfg.workdir) if "num_fid_samples" in r]
+    assert [(r["step"], r["num_fid_samples"], sorted(r)) for r in fids] == [
+        (0, 16, ["fid_onestep", "fid_twostep", "num_fid_samples", "step"]),
+        (2, 16, ["fid_onestep", "fid_twostep", "num_fid_samples", "step"]),
+        (4, 32, ["fid_onestep", "num_fid_samples", "step"]),
+    ]
+    for mode in RUN_MODES:
+        assert [p.name for p in (Path(cfg.workdir) / "checkpoints" / f"best_{mode}").iterdir() if p.name.isdigit()] == ["2"]

@@ -1,0 +1,68 @@
+"""Presets and the iCT recipe (issue 10): what `--config.preset` and `--config.recipe` resolve to."""
+
+import dataclasses
+import math
+
+import pytest
+
+from scgcm.config import CPU, PRESETS, SMOKE, TrainConfig, apply_recipe, build_loss, validate_config
+from scgcm.train import parse
+
+
+def flat(cfg) -> dict:
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", dataclasses.asdict(cfg))
+    return out
+
+
+@pytest.mark.parametrize("name", ["paper", "smoke", "cpu"])
+def test_presets_resolve_and_validate(name):
+    cfg = parse(["--config.preset", name])
+    assert cfg == PRESETS[name] and cfg.preset == name and cfg.recipe == "reference"
+    assert validate_config(cfg, num_devices=1) == []
+
+
+def test_documented_values():
+    assert PRESETS["paper"] == TrainConfig() and TrainConfig().batch_size == 1024 and TrainConfig().total_steps == 400_000
+    assert SMOKE.total_steps == 200 and not SMOKE.fid.enabled
+    assert CPU.data.source == "../shared/data/cifar10-subset" and CPU.model.image_size == 32
+    assert CPU.fid.enabled and CPU.fid.at_start and CPU.fid.modes == ("onestep",)
+    assert (CPU.fid.num, CPU.fid.final_num, CPU.fid.final_modes) == (250, 1000, ("onestep", "twostep"))
+    assert CPU.total_steps % CPU.steps_per_call == 0 and CPU.total_steps % CPU.saving_step == 0
+
+
+@pytest.mark.parametrize("name", ["paper", "smoke", "cpu"])
+def test_ict_recipe_changes_exactly_q1_q2_q6(name):
+    reference, ict = flat(PRESETS[name]), flat(apply_recipe(PRESETS[name], "ict"))
+    changed = {k: (reference[k], ict[k]) for k in reference if reference[k] != ict[k]}
+    assert changed == {
+        "recipe": ("reference", "ict"),
+        "loss.huber_form": ("elementwise", "per_image"),  # Q1
+        "model.noise_scale": (1.0, 1000.0),  # Q2
+        "sample.two_step_sigma": (0.661, 0.821),  # Q6
+    }
+    loss = build_loss(apply_recipe(PRESETS[name], "ict"))
+    d = 3 * PRESETS[name].model.image_size ** 2
+    assert loss.huber_c == pytest.approx(0.00054 * math.sqrt(d))  # 0.0299 for CIFAR-10
+
+
+def test_recipe_flag_and_explicit_flags_win():
+    cfg = parse(["--config.preset", "cpu", "--config.recipe", "ict"])
+    assert cfg == apply_recipe(CPU, "ict")
+    cfg = parse(["--config.recipe=ict", "--config.model.noise-scale", "7", "--config.preset=smoke"])
+    assert cfg.model.noise_scale == 7 and cfg.loss.huber_form == "per_image" and cfg.total_steps == SMOKE.total_steps
+
+
+def test_help_shows_the_preset_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--config.preset", "cpu", "--config.recipe", "ict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {CPU.total_steps})" in text and "(default: per_image)" in text and "(default: 0.821)" in text
