@@ -234,28 +234,29 @@ SMOKE = TrainConfig(
     fid=FIDConfig(enabled=False, num=256, batch_size=64),  # Inception runs at ~5 images/s on a CPU
 )
 
-# The most real CIFAR-10 structure 2 CPU cores learn in about 25 minutes a run (~17 training, ~6 FID):
+# The most real CIFAR-10 structure 2 CPU cores learn in about 25 minutes a run, shared with other jobs
+# (on a quiet machine ~10 min training, ~6 min FID, ~3 min compiling):
 # sizes measured with experiments/choose_cpu_preset.py (reasoning in experiments/RESULTS.md, "CPU
 # study"): doubling nf costs 4.5× the time here, so the smoke torso's width (nf 8, three levels) and
 # more updates beat a wider net. Data: the 1,017 real test images in ../shared/data/cifar10-subset.
-# FID: 250 one-step samples at steps 0, 200 and 400, and 1,000 one- and two-step samples at the end
+# FID: 250 one-step samples at steps 0, 100 and 200, and 1,000 one- and two-step samples at the end
 # (Inception runs at ~5-10 images/s here), all against the training images.
 CPU = TrainConfig(
     preset="cpu",
     workdir="runs/cpu",
-    total_steps=600,
+    total_steps=300,
     batch_size=32,
     steps_per_call=4,
-    saving_step=200,
+    saving_step=100,
     log_every=20,
     model=ModelConfig(
         torso=TorsoConfig(nf=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0),
         head=HeadConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
     ),
     ict=ICTConfig(s0=10, s1=160),
-    optim=OptimConfig(torso_lr=4e-4, head_lr=4e-4, ema_decay=0.995),
+    optim=OptimConfig(torso_lr=4e-4, head_lr=4e-4, ema_decay=0.99),
     data=DataConfig(source="../shared/data/cifar10-subset", split="test"),
-    sample=SampleConfig(sampling_step=100, grid_size=64, batch_size=64, heun_steps=10, final_num=64),
+    sample=SampleConfig(sampling_step=50, grid_size=64, batch_size=64, heun_steps=10, final_num=64),
     fid=FIDConfig(num=250, modes=("onestep",), batch_size=25, at_start=True, final_num=1000, final_modes=("onestep", "twostep")),
 )
 
