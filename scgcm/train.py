@@ -175,7 +175,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
         ckpt.save(at, state)
         log.info("checkpoint saved at step %d", at)
-        comparable = not final or final_evaluator.num == evaluator.num  # FID depends on the sample count
+        comparable = not final or (evaluator is not None and final_evaluator.num == evaluator.num)  # FID depends on N
         for mode, value in scores.items():
             if comparable and mode in cfg.fid.modes and np.isfinite(value):
                 ckpt.save_best(mode, at, state, value)

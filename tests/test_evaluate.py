@@ -199,7 +199,8 @@ def test_report_on_two_runs(smoke_run, fid_run, tmp_path):
     for name in curves:
         assert Image.open(out / f"{name}.png").size[0] > 500
     md = (out / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines()
+    summary = md.split("## FID")[0]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()
             if line.startswith("| plain") or line.startswith("| withfid")}
     plain, withfid = _records(smoke_run), _records(fid_run.workdir)
     assert rows["plain"][5] == f"{plain[-1]['step']:,}" and rows["withfid"][5] == f"{max(r['step'] for r in withfid):,}"
@@ -220,6 +221,14 @@ def test_report_single_run_without_fid_and_bad_input(smoke_run, tmp_path, capsys
     assert report.main([str(smoke_run), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "No FID has been computed" in md and (tmp_path / "r" / "grids_onestep.png").is_file()
+    import shutil
+
+    going = tmp_path / "going"  # a run still being written: its last line is incomplete
+    shutil.copytree(smoke_run, going, ignore=shutil.ignore_patterns("checkpoints"))
+    with open(going / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "loss_c')
+    assert report.main([str(going), "--out", str(tmp_path / "r2")]) == 0
+    assert f"| {_records(smoke_run)[-1]['step']:,} |" in (tmp_path / "r2" / "report.md").read_text()
     (tmp_path / "empty").mkdir()
     assert run_cli(report.main, [str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
