@@ -4,7 +4,7 @@
 #
 #   experiments/cpu_study.sh                 # seeds 1 and 2, score and vanilla
 #   SEEDS="1" VARIANTS="score vanilla" RECIPES="reference ict" experiments/cpu_study.sh
-#   PAIRED=1 experiments/cpu_study.sh        # the two variants of a seed at once, one core each
+#   PAIRED=1 experiments/cpu_study.sh        # the variants of a seed at once (same conditions for both)
 #
 # Runs go to $ROOT (default runs/study/<variant>[-ict]-s<seed>); an existing run directory is resumed,
 # so the script can be stopped and started again. The report goes to $REPORT (default experiments/study).
@@ -19,12 +19,10 @@ PAIRED=${PAIRED:-0}
 PY=${PYTHON:-python}
 EXTRA=${EXTRA:-}
 
-run() {  # variant recipe seed [cpu]
+run() {  # variant recipe seed
   local name="$1$([ "$2" = ict ] && echo -ict)-s$3"
-  local pin=()
-  [ -n "${4:-}" ] && pin=(taskset -c "$4")
   echo "== $name $(date -u +%H:%M:%S)"
-  "${pin[@]}" $PY -m scgcm.train --config.preset cpu --config.variant "$1" --config.recipe "$2" --config.seed "$3" \
+  $PY -m scgcm.train --config.preset cpu --config.variant "$1" --config.recipe "$2" --config.seed "$3" \
     --config.workdir "$ROOT/$name" $EXTRA > "$ROOT/$name.out" 2>&1 || echo "!! $name exited with $?"
   echo "== $name done $(date -u +%H:%M:%S)"
 }
@@ -33,8 +31,7 @@ mkdir -p "$ROOT"
 for seed in $SEEDS; do
   for recipe in $RECIPES; do
     if [ "$PAIRED" = 1 ]; then
-      cpu=0
-      for variant in $VARIANTS; do run "$variant" "$recipe" "$seed" $((cpu++ % $(nproc))) & done
+      for variant in $VARIANTS; do run "$variant" "$recipe" "$seed" & done
       wait
     else
       for variant in $VARIANTS; do run "$variant" "$recipe" "$seed"; done
