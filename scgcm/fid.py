@@ -44,11 +44,11 @@ def compute_statistics(features: np.ndarray) -> Stats:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def check_sample_count(n: int, name: str) -> int:
+def check_sample_count(n: int, name: str, *, warn: bool = True) -> int:
     """Refuse fewer than 2 images (no covariance) with a UserError naming `name`; warn below MIN_SAMPLES."""
     if n < 2:
         raise UserError(f"{name}: FID needs at least 2 images, got {n}")
-    if n < MIN_SAMPLES:
+    if warn and n < MIN_SAMPLES:
         warnings.warn(few_samples_message(n), stacklevel=2)
     return n
 
@@ -296,12 +296,13 @@ def main(command: Ref | Calc | Sequence[str] | None = None) -> int:
             if ref is not None and source is not None:
                 raise UserError("--ref and --source exclude each other: the reference is either a file or a dataset")
             images = load_samples(samples)  # every input first, then the network
-            check_sample_count(len(images), str(samples))
+            check_sample_count(len(images), str(samples), warn=False)  # the warning comes with the number
             if ref is not None:
                 ref_stats = read_reference(ref)
             else:
                 ref_stats = reference_statistics(source, extractor, split=split, flag="--source")
             print(f"{len(images)} samples from {samples}", file=sys.stderr)
+            check_sample_count(len(images), str(samples))
             try:
                 value = fid_from_images(images, ref_stats, extractor())
             except ValueError as e:
