@@ -88,7 +88,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def default_batch_size(backend: str | None = None) -> int:
     """Images per Inception step: 256 on accelerators; 32 on a CPU, where each image in flight
-    holds about 35 MB of activations (256 took 9.4 GB)."""
+    holds about 32 MB of activations (measured: 1.8 GB peak at 32, 2.9 GB at 64; 256 took 9.4 GB)."""
     return 32 if (backend or jax.default_backend()) == "cpu" else 256
 
 
