@@ -8,6 +8,7 @@ background thread. NHWC exists only here: everything downstream sees `c h w`.
 """
 
 import functools
+import hashlib
 import os
 import pickle
 import queue
@@ -19,12 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from scgcm.errors import UserError
+from scgcm.images import ImageArrayError, as_nhwc_uint8, read_npz
 
 HF_CIFAR10 = "uoft-cs/cifar10"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+SOURCE_FLAG = "--config.data.source"
 SOURCE_HELP = (
-    "pass --config.data.source PATH with a cifar-10-batches-py folder (or its parent), "
+    f"pass {SOURCE_FLAG} PATH with a cifar-10-batches-py folder (or its parent), "
     "cifar-10-python.tar.gz, an .npz of uint8 NHWC images, a folder of image files, "
     "a datasets save_to_disk folder, or hf:<name>"
 )
@@ -39,23 +42,35 @@ class DataError(UserError, ValueError):
 
 
 def load_images(
-    source: str | os.PathLike | None, *, split: str = "train", image_size: int = 32, channels: int = 3
+    source: str | os.PathLike | None, *, split: str = "train", image_size: int | None = 32,
+    channels: int | tuple[int, ...] = 3, flag: str = SOURCE_FLAG,
 ) -> np.ndarray:
-    """uint8 [N, H, W, C] from the hub (None, "cifar10", "hf:<name>") or a path; labels ignored."""
-    text = "" if source is None else str(source)
-    if text in ("", "cifar10") or text.startswith("hf:"):
-        hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
-        images, name = _from_hub(hub_name, split, channels), f"hf:{hub_name}"
-    else:
-        images, name = _from_path(Path(text).expanduser(), split, image_size, channels), text
-    return validate_images(images, image_size=image_size, channels=channels, name=name)
+    """uint8 [N, H, W, C] from the hub (None, "cifar10", "hf:<name>") or a path; labels ignored.
+
+    Arrays follow `scgcm.images.as_nhwc_uint8` (image_size None: any size; channels a tuple:
+    any of those, decoded files as RGB). `flag` is the option named in error messages."""
+    try:
+        text = "" if source is None else str(source)
+        decode = channels if isinstance(channels, int) else 3
+        if text in ("", "cifar10") or text.startswith("hf:"):
+            hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
+            images, name = _from_hub(hub_name, split, decode), f"hf:{hub_name}"
+        else:
+            images, name = _from_path(Path(text).expanduser(), split, image_size, decode), text
+        return as_nhwc_uint8(images, image_size=image_size, channels=channels, name=name)
+    except (DataError, ImageArrayError) as e:
+        raise DataError(str(e).replace(SOURCE_FLAG, flag)) from None
 
 
 def _from_hub(name: str, split: str, channels: int) -> np.ndarray:
+    return _from_hf_dataset(_hub_dataset(name, split), split, channels, f"hf:{name}")
+
+
+def _hub_dataset(name: str, split: str):
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 (offline, unknown name, no such split: all end here)
         what = "CIFAR-10" if name == HF_CIFAR10 else repr(name)
         cause = (str(exc).splitlines() or [""])[0][:160]
@@ -63,10 +78,9 @@ def _from_hub(name: str, split: str, channels: int) -> np.ndarray:
             f"could not download {what} from the Hugging Face hub (offline? {type(exc).__name__}: {cause}); "
             + SOURCE_HELP
         ) from None
-    return _from_hf_dataset(ds, split, channels, f"hf:{name}")
 
 
-def _from_path(path: Path, split: str, image_size: int, channels: int) -> np.ndarray:
+def _from_path(path: Path, split: str, image_size: int | None, channels: int) -> np.ndarray:
     if not path.exists():
         raise DataError(f"data source {str(path)!r} does not exist; " + SOURCE_HELP)
     if path.is_file():
@@ -124,15 +138,7 @@ def _from_cifar_tar(path: Path, split: str) -> np.ndarray:
 
 
 def _from_npz(path: Path, channels: int) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as npz:
-        if not npz.files:
-            raise DataError(f"{path}: the .npz holds no arrays")
-        images = npz["images" if "images" in npz.files else npz.files[0]]
-    if images.ndim == 3 and channels == 1:
-        images = images[..., None]
-    if images.ndim == 4 and images.shape[-1] != channels and images.shape[1] == channels:
-        images = images.transpose(0, 2, 3, 1)  # NCHW
-    return images
+    return read_npz(path)  # "images" or the first array; the layout is as_nhwc_uint8's to check
 
 
 def _pil_to_array(image, channels: int) -> np.ndarray:
@@ -141,17 +147,21 @@ def _pil_to_array(image, channels: int) -> np.ndarray:
     return np.asarray(image.convert(PIL_MODES[channels]), dtype=np.uint8).reshape(*image.size[::-1], channels)
 
 
-def _from_image_folder(path: Path, image_size: int, channels: int) -> np.ndarray:
+def _from_image_folder(path: Path, image_size: int | None, channels: int) -> np.ndarray:
+    """Every image file under `path`, sorted; all image_size×image_size (None: all the first one's size)."""
     from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: no CIFAR-10 batches, dataset or image files (png/jpg/jpeg/bmp/webp); " + SOURCE_HELP)
-    images = np.empty((len(files), image_size, image_size, channels), np.uint8)
+    images = None
     for i, file in enumerate(files):
         with Image.open(file) as image:
-            if image.size != (image_size, image_size):
-                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected {image_size}x{image_size}")
+            w, h = image.size if image_size is None else (image_size, image_size)
+            if images is None:
+                images = np.empty((len(files), h, w, channels), np.uint8)
+            if image.size != (w, h):
+                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected {w}x{h}")
             images[i] = _pil_to_array(image, channels)
     return images
 
@@ -189,22 +199,39 @@ def _from_hf_dataset(ds, split: str, channels: int, where: str) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
 
 
+def source_fingerprint(source: str | os.PathLike | None, *, split: str = "train", flag: str = SOURCE_FLAG) -> str:
+    """A digest of what `load_images(source, split=split)` reads, which changes when that does: the
+    sha256 of a file's bytes; for a folder, of (relative path, size, mtime_ns) of every file under
+    it; for the hub, the `datasets` fingerprint of the split. For caches keyed by content."""
+    text = "" if source is None else str(source)
+    try:
+        if text in ("", "cifar10") or text.startswith("hf:"):
+            hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
+            return f"hf:{hub_name}:{split}:{_hub_dataset(hub_name, split)._fingerprint}"
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise DataError(f"data source {str(path)!r} does not exist; " + SOURCE_HELP)
+        h = hashlib.sha256()
+        if path.is_file():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return f"sha256:{h.hexdigest()}"
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = file.stat()
+            h.update(f"{file.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return f"files:{h.hexdigest()}"
+    except DataError as e:
+        raise DataError(str(e).replace(SOURCE_FLAG, flag)) from None
+
+
 def validate_images(images: np.ndarray, *, image_size: int, channels: int, name: str = "dataset") -> np.ndarray:
-    """The array as C-contiguous uint8 [N, image_size, image_size, channels], or a one-line DataError."""
-    images = np.asarray(images)
-    if images.size == 0:
-        raise DataError(f"{name}: no images (array of shape {images.shape})")
-    if images.ndim != 4:
-        raise DataError(f"{name}: expected a 4-d [N, H, W, C] array, got shape {images.shape}")
-    if np.issubdtype(images.dtype, np.floating):
-        raise DataError(f"{name}: values must be uint8 0..255, got {images.dtype} (scale and cast to uint8 first)")
-    if images.dtype != np.uint8:
-        raise DataError(f"{name}: dtype must be uint8 (0..255), got {images.dtype}")
-    if images.shape[1:3] != (image_size, image_size):
-        raise DataError(f"{name}: images are {images.shape[1]}x{images.shape[2]}, expected {image_size}x{image_size}")
-    if images.shape[3] != channels:
-        raise DataError(f"{name}: images have {images.shape[3]} channels, expected {channels} (shape {images.shape})")
-    return np.ascontiguousarray(images)
+    """The array as C-contiguous uint8 [N, image_size, image_size, channels] by the rule of
+    `scgcm.images.as_nhwc_uint8` (NCHW is transposed), or a one-line DataError."""
+    try:
+        return as_nhwc_uint8(images, image_size=image_size, channels=channels, name=name)
+    except ImageArrayError as e:
+        raise DataError(str(e)) from None
 
 
 def synthetic_images(num: int, *, image_size: int = 32, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -6,11 +6,9 @@ Every evaluation draws the same latents (image i from `fold_in(key(seed), i)`), 
 does with PRNGKey(42) (method.md §8), so successive FIDs differ only through the model.
 """
 
-import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,16 +17,12 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image, ImageDraw, ImageFont
 
-from scgcm import fid, inception
+from scgcm import fid, inception, statcache
 from scgcm.generate import generate
+from scgcm.images import rgb  # noqa: F401 (re-exported: callers import it from here)
 from scgcm.model import SCGCM
 
 log = logging.getLogger("scgcm")
-
-
-def rgb(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC with 1 or 3 channels → 3 channels (grey repeated), as Inception expects."""
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 class FIDEvaluator:
@@ -42,6 +36,8 @@ class FIDEvaluator:
                  seed: int = 42, mesh: Mesh | None = None, progress: bool = False):
         if num < 2:
             raise ValueError(f"FID needs at least 2 samples per mode, got num={num}")
+        if num < fid.MIN_SAMPLES:
+            log.warning("%s", fid.few_samples_message(num))
         self.ref_stats, self.extractor, self.samplers = ref_stats, extractor, dict(samplers)
         self.num, self.batch_size, self.seed, self.mesh, self.progress = num, batch_size, seed, mesh, progress
 
@@ -60,32 +56,33 @@ class FIDEvaluator:
             return float("nan")
 
 
-def data_statistics(source: str | None, extractor: fid.FeatureExtractor, *, split: str = "train",
+def data_statistics(source: str | None, extractor: fid.Extractor, *, split: str = "train",
                     image_size: int = 32, channels: int = 3, synthetic_size: int = 2048, seed: int = 42,
                     cache_dir: str | Path | None = None) -> fid.Stats:
-    """Reference (μ, Σ) of a run's training data, cached in `cache_dir` (default: next to the weights).
+    """Reference (μ, Σ) of a run's training data, cached in `cache_dir` (default: next to the weights)
+    by `statcache.cached_statistics`, keyed by the data's content, split, size, channels, network
+    and preprocessing. `extractor` may be a function that builds one (called only on a miss).
 
     A dataset at 32×32×3 goes through `fid.reference_statistics`, sharing its cache with
-    `python -m scgcm.fid ref --source S`; the synthetic set and other sizes are cached under a name
-    that also holds their size, channels (and, for 'synthetic', count and seed)."""
+    `python -m scgcm.fid ref --source S` (its images are 32×32×3, or training would have refused
+    them); 'synthetic' is keyed by its parameters (count, size, channels, seed)."""
     if source != "synthetic" and (image_size, channels) == (32, 3):
         return fid.reference_statistics(source, extractor, cache_dir, split)
     from scgcm import data  # the data stack is only needed here
 
-    extra = f"{synthetic_size}|{seed}" if source == "synthetic" else split
-    key = f"{source!r}|{extra}|{image_size}|{channels}|{inception.PT_SHA256}"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source or "default")[-48:]
-    cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
-    path = cache_dir / f"fid-ref-{slug}-{split}-{image_size}x{channels}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-    if path.is_file():
-        return fid.load_statistics(path)
     if source == "synthetic":
-        images = data.synthetic_images(synthetic_size, image_size=image_size, channels=channels, seed=seed)
+        fingerprint = f"synthetic:{synthetic_size}:{seed}"
+        load = lambda: data.synthetic_images(synthetic_size, image_size=image_size, channels=channels, seed=seed)
     else:
-        images = data.load_images(source, split=split, image_size=image_size, channels=channels)
-    mu, sigma = fid.compute_statistics(extractor.features(rgb(images)))
-    fid.save_statistics(path, mu, sigma, source=str(source), split=split, num_images=len(images))
-    return mu, sigma
+        fingerprint = data.source_fingerprint(source, split=split)
+        load = lambda: data.load_images(source, split=split, image_size=image_size, channels=channels)
+    key = {"kind": "fid-ref", "data": fingerprint, "split": split, "size": image_size, "channels": channels,
+           "network": getattr(extractor, "weights_id", inception.PARAMS_SHA256),
+           "preprocessing": inception.PREPROCESS_VERSION}
+    cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
+    return statcache.cached_statistics(
+        cache_dir, f"fid-ref-{fid.cache_slug(source)}-{split}-{image_size}x{channels}", key,
+        lambda: fid.compute_statistics(fid.resolve(extractor).features(rgb(load()))))
 
 
 # ------------------------------------------------------------------------------------------ plot

@@ -3,16 +3,19 @@
     python -m scgcm.fid ref [--source S] [--split train] [--out stats.npz]
     python -m scgcm.fid calc SAMPLES [--ref stats.npz | --source S]
 
-SAMPLES is an `.npz` (key "images", else its first array) or a folder of PNGs, uint8 NHWC at any
-size (samples in [-1, 1] go through `scgcm.inception.to_uint8` first). Reference statistics of a
-dataset are cached next to the weights, keyed by source and split. See fid.md for the standard.
+SAMPLES is an `.npz` (key "images", else its first array) or a folder of PNGs; image arrays follow
+`scgcm.images.as_nhwc_uint8` (uint8 NHWC or NCHW, 1 or 3 channels, any size: Inception resizes to
+299×299; samples in [-1, 1] go through `scgcm.inception.to_uint8` first). Reference statistics of a
+dataset are cached next to the weights, keyed by the data's content (`scgcm.statcache`). Fewer than
+2 images are refused; fewer than 2,048 give a biased FID, with a warning. See fid.md for the standard.
 """
 
+import functools
 import hashlib
-import os
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,28 +27,57 @@ import tyro
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, UInt8
 
-from scgcm import inception
+from scgcm import inception, statcache
+from scgcm.errors import UserError
+from scgcm.images import FID_CHANNELS, as_nhwc_uint8, read_npz, rgb
+from scgcm.statcache import Stats, StatisticsError, save_statistics
 
-Stats = tuple[np.ndarray, np.ndarray]
+# The feature dimension: with fewer images Σ is singular and FID is biased upward (papers use 50,000).
+MIN_SAMPLES = 2048
 
 
 def compute_statistics(features: np.ndarray) -> Stats:
-    """Mean and covariance (float64, `np.cov(rowvar=False)`) of [N, d] features."""
+    """Mean and covariance (float64, `np.cov(rowvar=False)`) of [N, d] features, N ≥ 2."""
     features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"statistics need at least 2 feature vectors [N, d], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def check_sample_count(n: int, name: str, *, warn: bool = True) -> int:
+    """Refuse fewer than 2 images (no covariance) with a UserError naming `name`; warn below MIN_SAMPLES."""
+    if n < 2:
+        raise UserError(f"{name}: FID needs at least 2 images, got {n}")
+    if warn and n < MIN_SAMPLES:
+        warnings.warn(few_samples_message(n), stacklevel=2)
+    return n
+
+
+def few_samples_message(n: int) -> str:
+    return (f"FID of {n} images (fewer than {MIN_SAMPLES:,}, the feature dimension) is biased upward "
+            "and not comparable with published numbers (50,000 images)")
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
-    """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}), with ε·I added to both Σ if the root is not finite."""
+    """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^{1/2}), with ε·I added to both Σ if the root is not finite.
+
+    Non-finite statistics raise ValueError: `sqrtm` is never called on them (it can hang on NaN)."""
     mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
     sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in shape: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the statistics hold NaN or infinite values (non-finite features?): FID is undefined")
+    product = sigma1 @ sigma2
+    if not np.isfinite(product).all():
+        raise ValueError("Σ₁Σ₂ overflows: FID is undefined")
+    covmean = scipy.linalg.sqrtm(product)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError("sqrtm(Σ₁Σ₂) is not finite, even with ε·I added: FID is undefined")
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm(Σ₁Σ₂) has a large imaginary part: {np.abs(covmean.imag).max()}")
@@ -54,19 +86,44 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def default_batch_size(backend: str | None = None) -> int:
+    """Images per Inception step: 256 on accelerators; 32 on a CPU, where each image in flight
+    holds about 32 MB of activations (measured: 1.8 GB peak at 32, 2.9 GB at 64; 256 took 9.4 GB)."""
+    return 32 if (backend or jax.default_backend()) == "cpu" else 256
+
+
+def network_id(net: eqx.Module) -> str:
+    """What cached statistics record as the network: the verified weights' hash for the standard
+    InceptionV3 (`inception.PARAMS_SHA256`), else a sha256 of the module's arrays (stand-ins)."""
+    if isinstance(net, inception.InceptionV3):
+        return inception.PARAMS_SHA256
+    h = hashlib.sha256(type(net).__qualname__.encode())
+    for leaf in jax.tree_util.tree_leaves(eqx.filter(net, eqx.is_array)):
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype.str}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def _extract(net: eqx.Module, images: UInt8[Array, "b h w 3"]) -> Float[Array, "b d"]:
-    return net(inception.preprocess(images))
+    return net(inception.preprocess(images))  # the 299×299 resize happens here, one batch at a time
 
 
 class FeatureExtractor:
     """uint8 NHWC images (any size) → [N, 2048] features, in batches sharded over `devices`.
 
     The batch is split along a 1-D mesh axis "data"; the network is replicated. Each batch is
-    padded (by repeating the last image) to a fixed size, a multiple of the device count."""
+    padded (by repeating the last image) to a fixed size, a multiple of the device count.
+    `batch_size` None: `default_batch_size()` of the backend. `weights_id` names the network in
+    cache keys (default: `network_id(net)`)."""
 
-    def __init__(self, net: eqx.Module, *, batch_size: int = 256,
-                 devices: Sequence[jax.Device] | None = None, progress: bool = False):
+    def __init__(self, net: eqx.Module, *, batch_size: int | None = None,
+                 devices: Sequence[jax.Device] | None = None, progress: bool = False, weights_id: str | None = None):
         devices = list(devices) if devices is not None else jax.local_devices()
+        batch_size = default_batch_size(devices[0].platform) if batch_size is None else batch_size
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be positive (got {batch_size})")
+        self.weights_id = weights_id or network_id(net)
         self.mesh = Mesh(np.array(devices), ("data",))
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         self.net = jax.device_put(net, NamedSharding(self.mesh, PartitionSpec()))
@@ -100,38 +157,42 @@ class FeatureExtractor:
         return np.concatenate(out).astype(np.float32)
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta: str | int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
-    partial.replace(path)
-
-
 def load_statistics(path: str | Path) -> Stats:
-    with np.load(path, allow_pickle=False) as z:
-        if "mu" not in z.files or "sigma" not in z.files:
-            raise ValueError(f"{path} holds no FID statistics (keys mu, sigma)")
-        return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+    """(μ, Σ) of a statistics file, verified (`statcache.read_statistics`); StatisticsError if unusable."""
+    mu, sigma, _ = statcache.read_statistics(path)
+    return mu, sigma
 
 
-def reference_statistics(source: str | None, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
-                         split: str = "train") -> Stats:
-    """Statistics of a whole dataset split (`scgcm.data.load_images`), cached as `.npz` in
-    `cache_dir` (default: the weights' cache folder) under a name made from source and split."""
-    from scgcm.data import load_images  # the data stack is only needed when the cache misses
+Extractor = FeatureExtractor | Callable[[], FeatureExtractor]
+
+
+def resolve(extractor: Extractor) -> FeatureExtractor:
+    """An extractor, or a function that builds one (called here: only when features are needed)."""
+    return extractor() if callable(extractor) else extractor
+
+
+def cache_slug(source: str | None) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(source or "default"))[-48:]
+
+
+def reference_statistics(source: str | None, extractor: Extractor, cache_dir: str | Path | None = None,
+                         split: str = "train", *, flag: str = "--config.data.source") -> Stats:
+    """Statistics of a whole dataset split (`scgcm.data.load_images` at its own size, grey as RGB),
+    cached in `cache_dir` (default: the weights' cache folder) by `statcache.cached_statistics`,
+    keyed by the data's content. `extractor` may be a function that builds one: it is called only
+    on a cache miss, after the data has been read. `flag` names the option in data errors."""
+    from scgcm import data  # the data stack is only needed here
+
+    key = {"kind": "fid-ref", "data": data.source_fingerprint(source, split=split, flag=flag), "split": split,
+           "size": "native", "channels": "rgb", "network": getattr(extractor, "weights_id", inception.PARAMS_SHA256),
+           "preprocessing": inception.PREPROCESS_VERSION}
+
+    def compute() -> Stats:
+        images = data.load_images(source, split=split, image_size=None, channels=FID_CHANNELS, flag=flag)
+        return compute_statistics(resolve(extractor).features(rgb(images)))
 
     cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
-    key = f"{source!r}|{split}|{inception.PT_SHA256}"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source or "default")[-48:]
-    path = cache_dir / f"fid-ref-{slug}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-    if path.is_file():
-        return load_statistics(path)
-    images = load_images(source, split=split)
-    mu, sigma = compute_statistics(extractor.features(images))
-    save_statistics(path, mu, sigma, source=str(source), split=split, num_images=len(images))
-    return mu, sigma
+    return statcache.cached_statistics(cache_dir, f"fid-ref-{cache_slug(source)}-{split}", key, compute)
 
 
 def fid_from_images(images_u8: np.ndarray, ref_stats: Stats, extractor: FeatureExtractor) -> float:
@@ -140,21 +201,29 @@ def fid_from_images(images_u8: np.ndarray, ref_stats: Stats, extractor: FeatureE
 
 
 def load_samples(path: str | Path) -> np.ndarray:
-    """uint8 NHWC images from an `.npz` (key "images", else the first array) or a folder of PNGs."""
+    """uint8 NHWC RGB images from an `.npz` (key "images", else the first array; the rule of
+    `scgcm.images.as_nhwc_uint8`, any size, grey repeated) or a folder of PNGs of one size.
+    Problems are one-line UserErrors naming the file."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         from PIL import Image  # only for folders of PNGs
 
         files = sorted(path.glob("*.png"))
         if not files:
-            raise FileNotFoundError(f"no .png files in {path}")
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+            raise UserError(f"{path}: no .png files in the folder")
+        arrays = []
+        for f in files:
+            with Image.open(f) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+                if arrays[-1].shape != arrays[0].shape:
+                    raise UserError(f"{f}: image is {image.size[0]}x{image.size[1]}, unlike {files[0].name} "
+                                    f"({arrays[0].shape[1]}x{arrays[0].shape[0]})")
+        images = np.stack(arrays)
     else:
-        with np.load(path, allow_pickle=False) as z:
-            images = z["images"] if "images" in z.files else z[z.files[0]]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: expected uint8 NHWC images with 3 channels, got {images.dtype} {images.shape}")
-    return images
+        images = read_npz(path)
+    return rgb(as_nhwc_uint8(images, image_size=None, channels=FID_CHANNELS, name=str(path)))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -170,8 +239,8 @@ class Ref:
     """Dataset split."""
     out: Path | None = None
     """Also write the statistics to this .npz."""
-    batch_size: int = 256
-    """Images per step, over all local devices."""
+    batch_size: int | None = None
+    """Images per step, over all local devices (default: 256 on GPU/TPU, 32 on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -179,15 +248,15 @@ class Calc:
     """FID of generated samples against reference statistics."""
 
     samples: tyro.conf.Positional[Path]
-    """An .npz (key "images" or its first array) or a folder of PNGs, uint8 NHWC."""
+    """An .npz (key "images" or its first array; uint8 NHWC or NCHW, 1 or 3 channels, any size) or a folder of PNGs."""
     ref: Path | None = None
     """Reference statistics .npz (from `ref --out`); if absent, computed from --source/--split."""
     source: str | None = None
     """Dataset source for the reference statistics when --ref is not given."""
     split: str = "train"
     """Dataset split for the reference statistics when --ref is not given."""
-    batch_size: int = 256
-    """Images per step, over all local devices."""
+    batch_size: int | None = None
+    """Images per step, over all local devices (default: 256 on GPU/TPU, 32 on CPU)."""
 
 
 def cli(args: Sequence[str] | None = None) -> Ref | Calc:
@@ -196,25 +265,58 @@ def cli(args: Sequence[str] | None = None) -> Ref | Calc:
                                                 description=__doc__.splitlines()[0], args=args)
 
 
-def main(command: Ref | Calc) -> None:
-    def extractor() -> FeatureExtractor:
-        return FeatureExtractor(inception.load_inception(), batch_size=command.batch_size, progress=True)
+def read_reference(path: Path, flag: str = "--ref") -> Stats:
+    """Statistics from a file the user named, or a one-line UserError naming `flag` and the file."""
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        return load_statistics(path)
+    except StatisticsError as e:
+        raise UserError(f"{flag} {e}") from None
 
+
+def main(command: Ref | Calc | Sequence[str] | None = None) -> int:
+    """Run a parsed command (or parse `command` as arguments). Every input is checked, and the
+    samples read, before the network is loaded or reference statistics are computed."""
+    if command is None or not isinstance(command, (Ref, Calc)):
+        command = cli(command)
+    if command.batch_size is not None and command.batch_size < 1:
+        raise UserError(f"--batch-size must be positive (got {command.batch_size})")
+    extractor = functools.cache(lambda: FeatureExtractor(inception.load_inception(), batch_size=command.batch_size,
+                                                         progress=True))
     match command:
         case Ref(source=source, split=split, out=out):
-            mu, sigma = reference_statistics(source, extractor(), split=split)
+            if out is not None and out.is_dir():
+                raise UserError(f"--out {out} is a folder; give a file name ending in .npz")
+            mu, sigma = reference_statistics(source, extractor, split=split, flag="--source")
             if out is not None:
                 save_statistics(out, mu, sigma, source=str(source), split=split)
                 print(f"wrote {out}", file=sys.stderr)
         case Calc(samples=samples, ref=ref, source=source, split=split):
-            images = load_samples(samples)  # read the inputs before loading the network
-            ref_stats = load_statistics(ref) if ref is not None else None
-            features = extractor()
-            if ref_stats is None:
-                ref_stats = reference_statistics(source, features, split=split)
+            if ref is not None and source is not None:
+                raise UserError("--ref and --source exclude each other: the reference is either a file or a dataset")
+            images = load_samples(samples)  # every input first, then the network
+            check_sample_count(len(images), str(samples), warn=False)  # the warning comes with the number
+            if ref is not None:
+                ref_stats = read_reference(ref)
+            else:
+                ref_stats = reference_statistics(source, extractor, split=split, flag="--source")
             print(f"{len(images)} samples from {samples}", file=sys.stderr)
-            print(f"{fid_from_images(images, ref_stats, features):.4f}")
+            check_sample_count(len(images), str(samples))
+            try:
+                value = fid_from_images(images, ref_stats, extractor())
+            except ValueError as e:
+                raise UserError(f"FID of {samples} against {ref or 'the reference'} is undefined: {e}") from None
+            print(f"{value:.4f}")
+    return 0
+
+
+def _print_warnings_on_one_line() -> None:
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main(cli())
+    from scgcm.errors import run_cli
+
+    _print_warnings_on_one_line()
+    sys.exit(run_cli(main))

@@ -45,6 +45,9 @@ PT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 # sha256 over (name, dtype, shape, bytes) of the 376 converted arrays: see `params_digest`.
 PARAMS_SHA256 = "b6a3dc25bc4873e4f38c69fd89885437e8460f9f0c0c14c4f52acb1684712e84"
 NUM_TENSORS, NUM_FLOATS = 376, 21_802_784
+# Part of every cached statistics' key: bump it when `preprocess`, `to_uint8` or the image rule
+# (`scgcm.images`) changes what features a given image array gives.
+PREPROCESS_VERSION = "tf1-bilinear-299,(x-128)/128,edm-rounding,images-v1"
 BN_EPS = 1e-3
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -7,6 +7,7 @@ FID (the computation of `scgcm.fid` and of training), against --fid-ref, --fid-s
 """
 
 import dataclasses
+import functools
 import json
 import sys
 import typing
@@ -22,6 +23,7 @@ from PIL import Image
 from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import TrainConfig, build_model
+from scgcm.errors import UserError, run_cli
 from scgcm.evaluate import data_statistics, rgb
 from scgcm.generate import Mode, generate, make_sampler
 from scgcm.rundir import save_grid, use_compile_cache
@@ -108,14 +110,15 @@ def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode
     return restored
 
 
-def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.FeatureExtractor) -> tuple[fid.Stats, str]:
-    """Reference statistics for --fid and their description: --fid-ref, else --fid-source, else the run's data."""
+def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.Extractor) -> tuple[fid.Stats, str]:
+    """Reference statistics for --fid and their description: --fid-ref, else --fid-source, else the run's data.
+    `extractor` may be a function that builds one: it is called only if statistics must be computed."""
+    if args.fid_ref and args.fid_source:
+        raise UserError("--fid-ref and --fid-source exclude each other: the reference is either a file or a dataset")
     if args.fid_ref:
-        if not Path(args.fid_ref).is_file():
-            raise SystemExit(f"error: --fid-ref {args.fid_ref}: no such file")
-        return fid.load_statistics(args.fid_ref), args.fid_ref
+        return fid.read_reference(Path(args.fid_ref), "--fid-ref"), args.fid_ref
     if args.fid_source:
-        return fid.reference_statistics(args.fid_source, extractor), f"{args.fid_source} (train)"
+        return fid.reference_statistics(args.fid_source, extractor, flag="--fid-source"), f"{args.fid_source} (train)"
     d, m = cfg.data, cfg.model
     stats = data_statistics(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
                             synthetic_size=d.synthetic_size, seed=cfg.seed)
@@ -124,13 +127,14 @@ def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.FeatureExtracto
 
 def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
-    if args.fid and args.num < 2:
-        raise SystemExit(f"error: --fid needs --num of at least 2 (got {args.num})")
+    if args.fid:
+        fid.check_sample_count(args.num, "--num")
     use_compile_cache(args.compile_cache)
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
     if args.fid:  # the reference first, so that a missing file or dataset stops us before sampling
-        extractor = fid.FeatureExtractor(inception.load_inception(), batch_size=args.batch_size, progress=True)
+        extractor = functools.cache(lambda: fid.FeatureExtractor(  # built only when features are needed
+            inception.load_inception(), batch_size=min(args.batch_size, fid.default_batch_size()), progress=True))
         ref_stats, ref_name = reference(args, cfg, extractor)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)
     model = state.ema if args.ema else state.model
@@ -154,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
     if args.fid:
-        print(f"FID {fid.fid_from_images(rgb(images), ref_stats, extractor):.4f} "
+        print(f"FID {fid.fid_from_images(rgb(images), ref_stats, extractor()):.4f} "
               f"({len(images)} images, {args.mode}, step {step}, against {ref_name})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

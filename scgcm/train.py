@@ -138,9 +138,10 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     evaluator = final_evaluator = None
     if cfg.fid.enabled:
         if extractor is None:
-            extractor = fid_lib.FeatureExtractor(inception.load_inception(), batch_size=cfg.fid.batch_size)
+            extractor = fid_lib.FeatureExtractor(inception.load_inception(),  # at most 32 images at a time on a CPU
+                                                 batch_size=min(cfg.fid.batch_size, fid_lib.default_batch_size()))
         d = cfg.data
-        ref_stats = fid_lib.load_statistics(cfg.fid.ref) if cfg.fid.ref else data_statistics(
+        ref_stats = fid_lib.read_reference(Path(cfg.fid.ref), "--config.fid.ref") if cfg.fid.ref else data_statistics(
             d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
             synthetic_size=d.synthetic_size, seed=cfg.seed)
         evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in cfg.fid.modes},

@@ -18,6 +18,7 @@ from PIL import Image
 from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import FIDConfig, build_model, validate_config
+from scgcm.errors import UserError
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid, read_fids
 from scgcm.generate import make_sampler
 from tiny import MICRO_MODEL, tiny_config
@@ -175,7 +176,7 @@ def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch,
     assert f"FID {printed:.4f} (16 images" in capsys.readouterr().out
     fid.main(fid.cli(["calc", str(out), "--ref", str(ref), "--batch-size", "8"]))
     assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(printed, rel=1e-4, abs=1e-4)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(UserError, match="--fid-ref .*missing.npz: no such file"):
         sample.main([*args, "--fid-ref", str(tmp_path / "missing.npz")])
 
 
