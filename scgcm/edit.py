@@ -244,13 +244,13 @@ class HeunEditor(eqx.Module):
         def step(x, ts):
             t_cur, t_next = ts
             d = slope(x, t_cur)
-            d_next = slope(x + (t_next - t_cur) * d, t_next)
-            x = x + 0.5 * (t_next - t_cur) * (d + d_next)
+            euler = x + (t_next - t_cur) * d
+            last = t_next == 0  # the last step, to 0, is Euler only (its corrector is computed, then dropped)
+            d_next = slope(euler, jnp.where(last, t_cur, t_next))
+            x = jnp.where(last, euler, x + 0.5 * (t_next - t_cur) * (d + d_next))
             return project(amap, x, y + t_next * z, known), None
 
-        x, _ = jax.lax.scan(step, x, (self.ts[:-2], self.ts[1:-1]))
-        x = x + (self.ts[-1] - self.ts[-2]) * slope(x, self.ts[-2])  # the last step, to 0, is Euler only
-        return project(amap, x, y, known)
+        return jax.lax.scan(step, x, (self.ts[:-1], self.ts[1:]))[0]
 
 
 def heun_editor(num_steps: int, sigma_min: float, start: float, rho: float = 7.0) -> HeunEditor:

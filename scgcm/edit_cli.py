@@ -62,7 +62,7 @@ class EditArgs:
     sampler: Literal["consistency", "heun"] = "consistency"
     """consistency steps (Algorithm 4) or EDM's Heun sampler through the score head, projected after every step."""
     sigmas: tuple[float, ...] | None = None
-    """Decreasing σ of the consistency steps (default: the first 17 of the 18-level Karras grid, σ_max … 0.0058
+    """Decreasing σ of the consistency steps (default: the first 17 of the 18-level Karras grid, 80 … 0.0075
     for the run's σ range; interpolate: σ_max only). stroke/denoise start at --noise-sigma and use those below it."""
     heun_steps: int | None = None
     """Noise levels of the Heun sampler (default: the run's)."""
