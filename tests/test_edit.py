@@ -1,0 +1,251 @@
+"""Zero-shot editing (scgcm.edit) and its CLI (scgcm.edit_cli), with a random-weight micro model.
+
+Closed forms: the maps are orthogonal with the luminance / block-mean first coefficient; the edited
+outputs keep the known pixels, luminance or block means to float32 round-off; slerp's end points and
+right-angle midpoint; interpolation ends equal one-step samples.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from PIL import Image
+from tiny import MICRO_MODEL
+
+from scgcm import edit as E
+from scgcm import samplers
+from scgcm.config import build_model
+
+SHAPE = (MICRO_MODEL.channels, MICRO_MODEL.image_size, MICRO_MODEL.image_size)  # (3, 8, 8)
+W = np.asarray(E.LUMINANCE)
+SIGMA_MIN = MICRO_MODEL.sigma_min
+LEVELS = (80.0, 2.0, 0.3)
+SIGMAS = jnp.asarray(LEVELS)
+
+
+@functools.cache
+def micro():
+    return eqx.nn.inference_mode(build_model(MICRO_MODEL, key=jr.key(0)))
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (n, *SHAPE)).astype(np.float32)
+
+
+def _block_means(x: np.ndarray, p: int) -> np.ndarray:
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // p, p, w // p, p).mean(axis=(3, 5))
+
+
+MAPS = {
+    "identity": E.identity_map(3),
+    "luminance": E.luminance_map(),
+    "block2": E.block_mean_map(3, 2),
+    "block4": E.block_mean_map(3, 4),
+}
+
+
+@pytest.mark.parametrize("name", MAPS)
+def test_maps_are_orthogonal_with_their_inverse(name):
+    amap = MAPS[name]
+    basis = jnp.eye(int(np.prod(SHAPE))).reshape(-1, *SHAPE)
+    matrix = jax.vmap(amap.forward)(basis).reshape(len(basis), -1).T  # column k = A·e_k
+    np.testing.assert_allclose(matrix @ matrix.T, np.eye(len(matrix)), atol=1e-6)
+    x = jnp.asarray(_images(1)[0])
+    np.testing.assert_allclose(amap.inverse(amap.forward(x)), x, atol=1e-6)
+    np.testing.assert_allclose(amap.forward(amap.inverse(x)), x, atol=1e-6)
+
+
+def test_first_coefficients_are_luminance_and_block_means():
+    x = _images(1)[0]
+    np.testing.assert_allclose(E.luminance_map().forward(jnp.asarray(x))[0], np.einsum("chw,c->hw", x, W) / np.linalg.norm(W),
+                               atol=1e-6)
+    for p in (2, 4):
+        coef = np.asarray(E.block_mean_map(3, p).forward(jnp.asarray(x)))
+        np.testing.assert_allclose(coef[:, ::p, ::p], p * _block_means(x[None], p)[0], atol=1e-5)
+    q = E.orthogonal_with_first_column([3.0, 4.0])
+    np.testing.assert_allclose(q[:, 0], [0.6, 0.8])
+    np.testing.assert_allclose(q @ q.T, np.eye(2), atol=1e-12)
+
+
+def test_given_images_and_masks():
+    y = _images(1)[0]
+    block = np.asarray(E.given_image(E.block_mean_map(3, 2), jnp.asarray(y), jnp.asarray(E.block_mean_known(SHAPE, 2))))
+    np.testing.assert_allclose(block, np.repeat(np.repeat(_block_means(y[None], 2)[0], 2, 1), 2, 2), atol=1e-6)
+    lum = np.asarray(E.given_image(E.luminance_map(), jnp.asarray(y), jnp.asarray(E.luminance_known(SHAPE))))
+    np.testing.assert_allclose(np.einsum("chw,c->hw", lum, W), np.einsum("chw,c->hw", y, W), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(E.gray(jnp.asarray(y)))[1], np.einsum("chw,c->hw", y, W), atol=1e-6)
+
+    center = E.region_known(SHAPE, "center")
+    assert center.sum() == 3 * (64 - 16) and (center[:, 2:6, 2:6] == 0).all()
+    left = E.region_known(SHAPE, "left")
+    assert (left[:, :, :4] == 0).all() and (left[:, :, 4:] == 1).all()
+    rand = np.asarray(E.random_known(jr.key(1), (3, 64, 64), 0.25))
+    assert (rand == rand[:1]).all() and abs(1 - rand.mean() - 0.25) < 0.03
+
+    u8 = np.zeros((1, 4, 4, 3), np.uint8)
+    u8[0, :2, :2] = [[[0, 100, 250], [0, 100, 250]], [[40, 100, 250], [40, 100, 250]]]  # block means 20, 100, 250
+    painting = E.coarse_painting(u8, 2, levels=4)  # levels 0, 85, 170, 255
+    np.testing.assert_array_equal(painting[0, :2, :2], np.broadcast_to([0, 85, 255], (2, 2, 3)))
+    np.testing.assert_array_equal(painting[0, 2:, 2:], 0)
+
+
+def _edit(images, known, amap, editor, seed, batch_size=8, mesh=None, indices=None):
+    given = jax.vmap(E.given_image, in_axes=(None, 0, 0))(amap, jnp.asarray(images), jnp.asarray(known))
+    indices = np.arange(len(images)) if indices is None else indices
+    return E.edit_images(micro(), given, images, known, indices, seed=seed, editor=editor, amap=amap,
+                         batch_size=batch_size, mesh=mesh)[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_consistency_edits_keep_the_known_part(seed):
+    y = _images(4, seed)
+    editor = E.ConsistencyEditor(SIGMAS, SIGMA_MIN)
+    known = np.broadcast_to(E.region_known(SHAPE, "center"), y.shape)
+    out = _edit(y, known, E.identity_map(3), editor, seed)
+    np.testing.assert_allclose(out[known == 1], y[known == 1], atol=1e-6)
+    assert np.abs(out[known == 0] - y[known == 0]).mean() > 0.05  # the hole is filled by the model, not copied
+
+    out = _edit(y, np.broadcast_to(E.luminance_known(SHAPE), y.shape), E.luminance_map(), editor, seed)
+    np.testing.assert_allclose(np.einsum("nchw,c->nhw", out, W), np.einsum("nchw,c->nhw", y, W), atol=2e-6)
+    assert np.abs(out - y).mean() > 0.05
+
+    out = _edit(y, np.broadcast_to(E.block_mean_known(SHAPE, 2), y.shape), E.block_mean_map(3, 2), editor, seed)
+    np.testing.assert_allclose(_block_means(out, 2), _block_means(y, 2), atol=2e-6)
+    assert np.abs(out - y).mean() > 0.05
+
+
+def test_heun_edits_keep_the_known_part():
+    y = _images(4, 2)
+    editor = E.heun_editor(3, SIGMA_MIN, 80.0)
+    out = _edit(y, np.broadcast_to(E.luminance_known(SHAPE), y.shape), E.luminance_map(), editor, 0)
+    np.testing.assert_allclose(np.einsum("nchw,c->nhw", out, W), np.einsum("nchw,c->nhw", y, W), atol=2e-6)
+    known = np.asarray(jax.vmap(lambda k: E.random_known(k, SHAPE, 0.5))(jr.split(jr.key(3), 4)))
+    out = _edit(y, known, E.identity_map(3), editor, 0)
+    np.testing.assert_allclose(out[known == 1], y[known == 1], atol=1e-6)
+    assert np.isfinite(out).all() and np.abs(out[known == 0] - y[known == 0]).mean() > 0.05
+
+
+def test_same_seed_same_result_whatever_the_batch():
+    """Image i's result depends only on (seed, its index): not on the batch size, its batch-mates, its
+    position, or padding (10 images in batches of 8 vs 3 of them, reversed, in one padded batch)."""
+    y = _images(10, 4)
+    known = np.broadcast_to(E.region_known(SHAPE, "right"), y.shape)
+    editor = E.ConsistencyEditor(SIGMAS, SIGMA_MIN)
+    idx = np.asarray([7, 3, 11, 5, 0, 1, 2, 4, 6, 8])
+    ten = _edit(y, known, E.identity_map(3), editor, 5, batch_size=8, indices=idx)
+    three = _edit(y[[9, 4, 1]], known[:3], E.identity_map(3), editor, 5, batch_size=3, indices=idx[[9, 4, 1]])
+    np.testing.assert_allclose(three, ten[[9, 4, 1]], atol=1e-5)
+    other_seed = _edit(y[[9, 4, 1]], known[:3], E.identity_map(3), editor, 6, batch_size=3, indices=idx[[9, 4, 1]])
+    assert np.abs(other_seed - three).max() > 1e-3
+
+
+def test_projection_free_edit_is_multistep_sampling():
+    """With nothing known and a zero `given`, Algorithm 4 is multistep sampling with the same noise."""
+    key = jr.fold_in(jr.key(9), 2)
+    zeros = jnp.zeros(SHAPE)
+    editor = E.ConsistencyEditor(SIGMAS, SIGMA_MIN, clip=False)
+    both = eqx.filter_jit(lambda m: (
+        E.edit(m, key, zeros, zeros, zeros, editor=editor, amap=E.identity_map(3))[1],
+        samplers.multistep(m, key, LEVELS, SHAPE, SIGMA_MIN),
+    ))
+    a, b = both(micro())
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_slerp_closed_forms():
+    z1, z2 = jnp.asarray([1.0, 0.0, 0.0]), jnp.asarray([0.0, 2.0, 0.0])
+    np.testing.assert_allclose(E.slerp(z1, z2, 0.0), z1, atol=1e-6)
+    np.testing.assert_allclose(E.slerp(z1, z2, 1.0), z2, atol=1e-6)
+    np.testing.assert_allclose(E.slerp(z1, z2, 0.5), (z1 + z2) / np.sqrt(2), atol=1e-6)  # sin(π/4)/sin(π/2) each
+    np.testing.assert_allclose(E.slerp(z1, 3 * z1, 0.5), 2 * z1, atol=1e-6)  # parallel: linear, no NaN
+
+
+def test_interpolation_ends_are_one_step_samples():
+    seed, shape = 6, SHAPE
+    editor = E.ConsistencyEditor(jnp.asarray([80.0]), SIGMA_MIN, clip=False)
+    frames = E.interpolate_rows(micro(), 2, 3, seed=seed, editor=editor, shape=shape, batch_size=8)
+    assert frames.shape == (2, 3, *shape)
+    keys = jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(4))
+    onestep = eqx.filter_jit(jax.vmap(lambda m, k: samplers.multistep(m, k, (80.0,), shape, SIGMA_MIN), in_axes=(None, 0)))
+    samples = np.asarray(onestep(micro(), keys))
+    np.testing.assert_allclose(frames[:, 0], samples[0::2], atol=1e-4)
+    np.testing.assert_allclose(frames[:, -1], samples[1::2], atol=1e-4)
+    assert np.abs(frames[:, 1] - frames[:, 0]).mean() > 1e-3
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def inputs16(tmp_path_factory):
+    from scgcm.data import synthetic_images
+
+    folder = tmp_path_factory.mktemp("edit-inputs")
+    np.savez(folder / "four.npz", images=synthetic_images(4, image_size=16, seed=3))
+    np.savez(folder / "small.npz", images=synthetic_images(4, image_size=8, seed=3))
+    np.savez(folder / "gray.npz", images=synthetic_images(4, image_size=16, seed=3)[..., :1])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "mask8.png")
+    return folder
+
+
+def _cli(argv):
+    from scgcm.edit_cli import main
+    from scgcm.errors import run_cli
+
+    return run_cli(main, [str(a) for a in argv])
+
+
+def test_cli_writes_npz_and_grid(smoke_run, inputs16, tmp_path):
+    out = tmp_path / "edited.npz"
+    rc = _cli(["--workdir", smoke_run, "--task", "inpaint", "--input", inputs16 / "four.npz", "--index", "3", "1",
+               "--mask", "left", "--seed", "2", "--out", out, "--grid", tmp_path / "grid.png"])
+    assert rc == 0
+    with np.load(out) as f:
+        images, inputs, given, index = f["images"], f["inputs"], f["given"], f["index"]
+    with np.load(inputs16 / "four.npz") as f:
+        np.testing.assert_array_equal(inputs, f["images"][[3, 1]])
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and list(index) == [3, 1]
+    np.testing.assert_array_equal(images[:, :, 8:], inputs[:, :, 8:])  # the known right half, exactly
+    assert (given[:, :, :8] == 128).all()  # the missing half is shown as zeros (mid-gray)
+    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
+
+
+BAD = [
+    (["--workdir", "{tmp}/nowhere", "--task", "colorize", "--input", "{in}/four.npz"], "--workdir"),
+    (["--task", "inpaint"], "--input"),
+    (["--task", "inpaint", "--input", "{in}/small.npz"], "--input"),
+    (["--task", "colorize", "--input", "{in}/gray.npz"], "--input"),
+    (["--task", "inpaint", "--input", "{in}/four.npz", "--num", "2", "--mask", "{in}/mask8.png"], "--mask"),
+    (["--task", "inpaint", "--input", "{in}/four.npz", "--mask", "blob"], "--mask"),
+    (["--task", "inpaint", "--input", "{in}/four.npz", "--mask", "random", "--mask-rate", "1.5"], "--mask-rate"),
+    (["--task", "superres", "--input", "{in}/four.npz", "--factor", "3"], "--factor"),
+    (["--task", "stroke", "--input", "{in}/four.npz", "--factor", "5"], "--factor"),
+    (["--task", "superres", "--input", "{in}/four.npz", "--index", "4"], "--index"),
+    (["--task", "superres", "--input", "{in}/four.npz", "--num", "5"], "--num"),
+    (["--task", "superres", "--input", "{in}/four.npz", "--num", "0"], "--num"),
+    (["--task", "inpaint", "--input", "{in}/four.npz", "--sigmas", "0.5", "2"], "--sigmas"),
+    (["--task", "denoise", "--input", "{in}/four.npz", "--noise-sigma", "0"], "--noise-sigma"),
+    (["--task", "interpolate", "--num-frames", "1"], "--num-frames"),
+    (["--task", "interpolate", "--checkpoint", "newest"], "--checkpoint"),
+]
+
+
+def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs16, tmp_path, monkeypatch, capsys):
+    import scgcm.edit_cli as cli
+
+    def no_model(*a, **k):
+        raise AssertionError("the checkpoint must not be loaded for a bad input")
+
+    monkeypatch.setattr(cli, "load_state", no_model)
+    for argv, flag in BAD:
+        argv = [a.format(tmp=tmp_path, **{"in": inputs16}) for a in argv]
+        if "--workdir" not in argv:
+            argv = ["--workdir", str(smoke_run), *argv]
+        assert _cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, (argv, err)
