@@ -1,15 +1,28 @@
-"""Orbax checkpoints of the array half of a TrainState.
+"""Orbax checkpoints of the array half of a TrainState, with checksums.
 
 `checkpoints/latest/<step>` keeps the last few states; `checkpoints/best_<mode>/<step>` keeps the one
 with the lowest FID of each sampling mode. Orbax writes each checkpoint to a temporary folder and
-renames it when complete, so a process killed mid-save never leaves a checkpoint that can be picked;
-a latest checkpoint that cannot be read falls back to the one before, with a warning.
+renames it when complete, so a process killed mid-save never leaves a checkpoint that can be picked.
+
+After each save, `<step>/scgcm_checksums.json` records a CRC-32 of every array (as saved) and the size
+and CRC-32 of every data file. A restore checks the files first, so orbax never reads a damaged one,
+then the arrays it read; any mismatch makes the checkpoint unreadable. Training then falls back to
+the newest readable checkpoint (one warning line per unreadable one, naming it and the reason) and
+moves the unreadable ones aside to `latest/corrupt-<step>/`, which orbax ignores. A checkpoint
+without the file (written by an older version, or a kill between the save and the checksums) is
+restored unverified.
 
 The state is stored as a flat {key path: array} dict (typed PRNG keys as their raw uint32 data)
-and restored into the leaves of a skeleton made with `eqx.filter_eval_shape`.
+and restored into the leaves of a skeleton made with `eqx.filter_eval_shape`. Run counters that are
+not part of the state (`skipped_total`) are stored beside it as `@<name>` int64 scalars.
 """
 
+import errno
+import json
 import logging
+import os
+import shutil
+import zlib
 from pathlib import Path
 
 import equinox as eqx
@@ -18,7 +31,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from scgcm.errors import UserError
+
 log = logging.getLogger(__name__)
+
+CHECKSUMS = "scgcm_checksums.json"
+COUNTER = "@"  # prefix of the flat keys of run counters stored beside the state
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint that cannot be restored as saved; the message is the one-line reason."""
+
+
+class NoReadableCheckpoint(UserError):
+    """Checkpoints exist, but none can be restored."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (a full disk); the message is one line."""
 
 
 def _is_key(x) -> bool:
@@ -52,6 +82,93 @@ def _unflatten(flat: dict, skeleton: PyTree) -> PyTree:
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
 
 
+def array_crc32(x) -> int:
+    """CRC-32 of an array's C-order bytes."""
+    return zlib.crc32(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _data_files(step_dir: Path) -> dict[str, Path]:
+    """The files orbax wrote for the state ({path relative to the step folder: path})."""
+    return {p.relative_to(step_dir).as_posix(): p for p in sorted((step_dir / "default").rglob("*")) if p.is_file()}
+
+
+def write_checksums(step_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """<step_dir>/scgcm_checksums.json: CRC-32 of each array and size + CRC-32 of each data file (atomic)."""
+    record = {
+        "format": 1,
+        "arrays": {k: array_crc32(v) for k, v in arrays.items()},
+        "files": {name: [p.stat().st_size, file_crc32(p)] for name, p in _data_files(step_dir).items()},
+    }
+    tmp = step_dir / f".{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def read_checksums(step_dir: Path) -> dict | None:
+    """The checksum record of a checkpoint, or None if it has none; UnreadableCheckpoint if it is damaged."""
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("arrays"), dict) or not isinstance(record.get("files"), dict):
+            raise ValueError("missing 'arrays' or 'files'")
+        return record
+    except (OSError, ValueError) as e:
+        raise UnreadableCheckpoint(f"{CHECKSUMS} is damaged ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def verify_files(step_dir: Path, record: dict) -> None:
+    """UnreadableCheckpoint unless every data file listed in `record` is there with its size and CRC."""
+    files = _data_files(step_dir)
+    for name, (size, crc) in record["files"].items():
+        path = files.get(name)
+        if path is None:
+            raise UnreadableCheckpoint(f"data file {name} is missing")
+        if path.stat().st_size != size:
+            raise UnreadableCheckpoint(f"data file {name} has {path.stat().st_size} bytes, {size} were written")
+        if file_crc32(path) != crc:
+            raise UnreadableCheckpoint(f"data file {name} fails its checksum")
+
+
+def verify_arrays(flat: dict[str, np.ndarray], record: dict) -> None:
+    for name, crc in record["arrays"].items():
+        if name not in flat:
+            raise UnreadableCheckpoint(f"array {name} is missing")
+        if array_crc32(flat[name]) != crc:
+            raise UnreadableCheckpoint(f"array {name} fails its checksum")
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """Whether a (possibly wrapped) exception comes from a full disk."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "no space left on device" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _NoSpaceFilter(logging.Filter):
+    """Drops the tracebacks orbax's writer threads log (through absl) for a full disk: the save reports it
+    as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ((exc is not None and _is_no_space(exc)) or "no space left on device" in record.getMessage().lower())
+
+
 def _manager(directory: Path, max_to_keep: int | None, best: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -62,7 +179,8 @@ def _manager(directory: Path, max_to_keep: int | None, best: bool = False) -> oc
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    # the handler named up front, so that item_metadata can read a checkpoint this manager did not write
+    return ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler(), options=options)
 
 
 class Checkpointer:
@@ -70,12 +188,39 @@ class Checkpointer:
         self.directory = Path(directory)
         self.latest = _manager(self.directory / "latest", keep)
         self.best = {mode: _manager(self.directory / f"best_{mode}", 1, best=True) for mode in best_modes}
+        self.counters: dict[str, int] = {}
+        """The run counters stored with the checkpoint last restored (e.g. skipped_total); {} if none."""
 
-    def save(self, step: int, state: PyTree) -> None:
+    def _save(self, manager: ocp.CheckpointManager, step: int, state: PyTree, counters: dict[str, int] | None,
+              metrics: dict | None = None) -> None:
+        flat = _flatten(state)
+        flat.update({COUNTER + k: np.asarray(v, np.int64) for k, v in (counters or {}).items()})
+        quiet, absl = _NoSpaceFilter(), logging.getLogger("absl")
+        absl.addFilter(quiet)
+        try:
+            manager.save(step, args=ocp.args.StandardSave(flat), metrics=metrics, force=True)
+            manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_checksums(self.step_dir(step, manager), {k: np.asarray(v) for k, v in flat.items()})
+        except Exception as e:
+            if not _is_no_space(e):
+                raise
+            folder = Path(manager.directory)
+            for tmp in folder.glob(f"{step}.orbax-checkpoint-tmp*"):  # give the space back
+                shutil.rmtree(tmp, ignore_errors=True)
+            (folder / str(step) / f".{CHECKSUMS}.tmp").unlink(missing_ok=True)
+            manager.reload()
+            kept = [s for s in manager.all_steps() if s != step]
+            intact = f"the checkpoint of step {max(kept)} is intact" if kept else "there is no earlier checkpoint"
+            raise CheckpointWriteError(f"no space left in {folder} while writing checkpoint {step}; {intact}") from None
+        finally:
+            absl.removeFilter(quiet)
+
+    def save(self, step: int, state: PyTree, counters: dict[str, int] | None = None) -> None:
+        """The latest checkpoint of `step` (nothing if it exists), with run `counters` beside the state."""
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=ocp.args.StandardSave(_flatten(state)), force=True)
-        self.latest.wait_until_finished()
+        self._save(self.latest, step, state, counters)
 
     def _manager_for(self, which: str) -> ocp.CheckpointManager:
         """'latest' or a sampling mode's best manager, created once (a spare manager's tmp-dir cleanup
@@ -87,28 +232,84 @@ class Checkpointer:
         return self.best[which]
 
     def save_best(self, mode: str, step: int, state: PyTree, fid: float) -> None:
-        manager = self._manager_for(mode)
-        manager.save(step, args=ocp.args.StandardSave(_flatten(state)), metrics={"fid": float(fid)}, force=True)
-        manager.wait_until_finished()
+        self._save(self._manager_for(mode), step, state, None, metrics={"fid": float(fid)})
 
     def steps(self, which: str = "latest") -> list[int]:
         return sorted(self._manager_for(which).all_steps())
 
-    def restore(self, skeleton: PyTree, step: int | None = None, which: str = "latest") -> tuple[PyTree, int] | None:
-        """Restore `step` (or the newest readable one) into the skeleton; None if there is none."""
+    def step_dir(self, step: int, manager: ocp.CheckpointManager | str = "latest") -> Path:
+        manager = self._manager_for(manager) if isinstance(manager, str) else manager
+        return Path(manager.directory) / str(step)
+
+    def _read(self, manager: ocp.CheckpointManager, step: int, skeleton: PyTree) -> tuple[PyTree, dict[str, int]]:
+        """Restore one checkpoint, checking it before and after orbax reads it; UnreadableCheckpoint if it can't."""
+        step_dir = self.step_dir(step, manager)
+        if not (step_dir / "default").is_dir():
+            raise UnreadableCheckpoint(f"it has no {step_dir.name}/default folder")
+        try:
+            record = read_checksums(step_dir)
+            if record is not None:
+                verify_files(step_dir, record)  # before orbax: it must not read a damaged file
+            target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton))
+            saved = manager.item_metadata(step)
+            saved = getattr(saved, "tree", saved) or {}
+            target.update({k: np.zeros((), np.int64) for k in saved if k.startswith(COUNTER)})
+            flat = manager.restore(step, args=ocp.args.StandardRestore(target))
+            if record is not None:
+                verify_arrays(flat, record)
+            return _unflatten(flat, skeleton), {k[1:]: int(v) for k, v in flat.items() if k.startswith(COUNTER)}
+        except UnreadableCheckpoint:
+            raise
+        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types; all mean unreadable)
+            raise UnreadableCheckpoint(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+
+    def restore(self, skeleton: PyTree, step: int | None = None, which: str = "latest", *,
+                move_aside: bool = False) -> tuple[PyTree, int] | None:
+        """Restore `step` (or the newest readable one) into the skeleton; None if there is none.
+
+        A given `step` that is missing or unreadable is a UserError (listing the steps there are).
+        Otherwise each unreadable checkpoint gets one warning line and the one before is tried; with
+        `move_aside` the unreadable ones newer than the one restored go to `<which>/corrupt-<step>`.
+        If checkpoints exist but none is readable: NoReadableCheckpoint (nothing is moved)."""
         manager = self._manager_for(which)
-        candidates = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
-        target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton))
-        for s in candidates:
+        available = sorted(manager.all_steps(), reverse=True)
+        if step is not None and step not in available:
+            raise UserError(f"--checkpoint {step}: no such step in {manager.directory} "
+                            f"(available: {', '.join(map(str, sorted(available))) or 'none'})")
+        unreadable: list[tuple[int, str]] = []
+        for s in [step] if step is not None else available:
             try:
-                flat = manager.restore(s, args=ocp.args.StandardRestore(target))
-                return _unflatten(flat, skeleton), s
-            except Exception as e:  # unreadable: fall back to the one before
+                state, self.counters = self._read(manager, s, skeleton)
+            except UnreadableCheckpoint as e:
                 if step is not None:
-                    raise
-                log.warning("checkpoint %s at step %d is unreadable (%s: %s); trying an earlier one",
-                            manager.directory, s, type(e).__name__, str(e).splitlines()[0][:200])
+                    raise UserError(f"--checkpoint {step}: {self.step_dir(s, manager)} is unreadable ({e})") from None
+                unreadable.append((s, str(e)))
+                if not move_aside:
+                    log.warning("checkpoint %s is unreadable (%s); trying an earlier one", self.step_dir(s, manager), e)
+                continue
+            for bad, why in unreadable if move_aside else ():
+                moved = self.move_aside(bad, which)
+                log.warning("checkpoint %s is unreadable (%s); moved aside to %s", self.step_dir(bad, manager), why, moved.name)
+            return state, s
+        if unreadable:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in unreadable[:3])
+            raise NoReadableCheckpoint(f"every checkpoint in {manager.directory} is unreadable ({reasons})")
         return None
+
+    def move_aside(self, step: int, which: str = "latest") -> Path:
+        """Rename checkpoint `step` to `<which>/corrupt-<step>` (a name orbax ignores; process 0 renames
+        in a multi-host run); returns the new path."""
+        manager = self._manager_for(which)
+        source = self.step_dir(step, manager)
+        target = source.with_name(f"corrupt-{step}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = source.with_name(f"corrupt-{step}-{n}")
+        if jax.process_index() == 0:
+            source.rename(target)
+        manager.reload()
+        return target
 
     def close(self) -> None:
         self.latest.close()

@@ -196,6 +196,11 @@ class TrainConfig:
     a folder, or 'off'. A resumed run, or a rerun of the same configuration, then skips most compilation."""
     skip_nonfinite: bool = False
     """Skip (and count) updates with a non-finite loss or gradient instead of stopping."""
+    restart_from_scratch: bool = False
+    """If every checkpoint in the run directory is unreadable, move them aside and start again from step 0
+    (without it such a run is refused, so an unmounted or unreadable disk never restarts a long run)."""
+    allow_config_change: bool = False
+    """Resume even if seed, batch, schedule, model, loss, optimizer or data differ from the run's last start."""
     tensorboard: bool = False
     """Also log scalars to TensorBoard (needs tensorboardX)."""
     wandb: bool = False
@@ -359,6 +364,11 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
     errors += [f"--config.{k.replace('_', '-')} must be positive (got {v})" for k, v in positive.items() if not v > 0]
     if cfg.stop_at is not None and cfg.stop_at <= 0:
         errors.append(f"--config.stop-at must be positive (got {cfg.stop_at})")
+    if cfg.steps_per_call > 0:  # updates go steps_per_call at a time: other counts would be rounded up
+        counts = {"total-steps": cfg.total_steps, "saving-step": cfg.saving_step, "stop-at": cfg.stop_at,
+                  "log-every": cfg.log_every, "sample.sampling-step": cfg.sample.sampling_step}
+        errors += [f"--config.{k} ({v}) must be a multiple of --config.steps-per-call ({cfg.steps_per_call})"
+                   for k, v in counts.items() if v is not None and v > 0 and v % cfg.steps_per_call]
     shards = num_devices * cfg.grad_accum
     if cfg.batch_size > 0 and cfg.grad_accum > 0 and cfg.batch_size % shards:
         errors.append(f"--config.batch-size {cfg.batch_size} must be divisible by devices × grad-accum = "

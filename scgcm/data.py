@@ -12,9 +12,11 @@ import hashlib
 import os
 import pickle
 import queue
+import socket
 import tarfile
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,17 +64,37 @@ def load_images(
         raise DataError(str(e).replace(SOURCE_FLAG, flag)) from None
 
 
+HUB_ADDRESS = ("huggingface.co", 443)
+
+
+def hub_unreachable(timeout: float = 3.0, env=os.environ) -> str | None:
+    """Why the Hugging Face hub can't be reached (one quick TCP connection), or None if it can, or if
+    that can't be told from here (offline mode with a local cache, a proxy, another endpoint)."""
+    if any(env.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None  # the datasets cache answers
+    if env.get("HF_ENDPOINT") or any(env.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection(HUB_ADDRESS, timeout=timeout).close()
+        return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _from_hub(name: str, split: str, channels: int) -> np.ndarray:
     return _from_hf_dataset(_hub_dataset(name, split), split, channels, f"hf:{name}")
 
 
 def _hub_dataset(name: str, split: str):
+    what = "CIFAR-10" if name == HF_CIFAR10 else repr(name)
+    if (why := hub_unreachable()) is not None:
+        raise DataError(f"cannot reach the Hugging Face hub for {what} ({why}); set HF_HUB_OFFLINE=1 to use a "
+                        "cached copy, or " + SOURCE_HELP)
     import datasets
 
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 (offline, unknown name, no such split: all end here)
-        what = "CIFAR-10" if name == HF_CIFAR10 else repr(name)
         cause = (str(exc).splitlines() or [""])[0][:160]
         raise DataError(
             f"could not download {what} from the Hugging Face hub (offline? {type(exc).__name__}: {cause}); "
@@ -120,7 +142,10 @@ def _cifar_files(available: dict, split: str, where: str) -> list[str]:
 
 def _decode_cifar_batch(raw: bytes, name: str) -> np.ndarray:
     """One official python batch: rows of 3072 bytes, the R, G, B 32×32 planes in turn."""
-    batch = pickle.loads(raw, encoding="bytes")  # the official format is a pickle; only load trusted files
+    try:
+        batch = pickle.loads(raw, encoding="bytes")  # the official format is a pickle; only load trusted files
+    except Exception as exc:  # noqa: BLE001 (a damaged pickle raises almost anything)
+        raise DataError(f"{name}: not a CIFAR-10 python batch (damaged: {type(exc).__name__})") from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if data is None or np.asarray(data).size % 3072:
         raise DataError(f"{name}: not a CIFAR-10 python batch (no 'data' of 3072-byte rows)")
@@ -128,13 +153,17 @@ def _decode_cifar_batch(raw: bytes, name: str) -> np.ndarray:
 
 
 def _from_cifar_tar(path: Path, split: str) -> np.ndarray:
-    with tarfile.open(path, "r:*") as tar:
-        members = {}
-        for member in tar.getmembers():
-            if member.isfile():
-                members.setdefault(Path(member.name).name, member)
-        chosen = _cifar_files(members, split, str(path))
-        return np.concatenate([_decode_cifar_batch(tar.extractfile(members[f]).read(), f) for f in chosen])
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {}
+            for member in tar.getmembers():
+                if member.isfile():
+                    members.setdefault(Path(member.name).name, member)
+            chosen = _cifar_files(members, split, str(path))
+            return np.concatenate([_decode_cifar_batch(tar.extractfile(members[f]).read(), f"{path} ({f})") for f in chosen])
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"{path}: damaged or truncated archive ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0][:120]}); download it again") from None
 
 
 def _from_npz(path: Path, channels: int) -> np.ndarray:

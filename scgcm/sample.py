@@ -87,26 +87,31 @@ def _from_dict(cls, values: dict):
 def load_run_config(workdir: Path) -> TrainConfig:
     path = workdir / "config.json"
     if not path.exists():
-        raise SystemExit(f"error: {path} not found: --workdir must be a run directory written by scgcm.train")
-    return _from_dict(TrainConfig, json.loads(path.read_text())["config"])
+        raise UserError(f"--workdir {workdir}: no config.json; it must be a run directory written by scgcm.train")
+    try:
+        return _from_dict(TrainConfig, json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--workdir {workdir}: {path.name} is unreadable ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
     skeleton = eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k), jr.key(0))
+    if not (checkpoint.isdigit() or checkpoint == "latest" or checkpoint.startswith("best")):
+        raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>' or a step, not {checkpoint!r}")
     ckpt = Checkpointer(workdir / "checkpoints")
-    if checkpoint.isdigit():
-        restored = ckpt.restore(skeleton, step=int(checkpoint))
-    elif checkpoint.startswith("best"):
-        which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
-        restored = ckpt.restore(skeleton, which=which)
-    elif checkpoint == "latest":
-        restored = ckpt.restore(skeleton)
-    else:
-        raise SystemExit(f"error: --checkpoint must be 'latest', 'best', 'best_<mode>' or a step, not {checkpoint!r}")
-    ckpt.close()
+    try:
+        if checkpoint.isdigit():
+            restored = ckpt.restore(skeleton, step=int(checkpoint))
+        elif checkpoint.startswith("best"):
+            which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
+            restored = ckpt.restore(skeleton, which=which)
+        else:
+            restored = ckpt.restore(skeleton)
+    finally:
+        ckpt.close()
     if restored is None:
-        raise SystemExit(f"error: no {checkpoint} checkpoint in {workdir / 'checkpoints'}")
+        raise UserError(f"--checkpoint {checkpoint}: no such checkpoint in {workdir / 'checkpoints'}")
     return restored
 
 
@@ -125,18 +130,29 @@ def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.Extractor) -> t
     return stats, f"the run's data {d.source or 'cifar10'} ({d.split})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+def check_args(args: SampleArgs) -> None:
+    """Each bad input is a one-line UserError naming its flag, raised before anything is loaded."""
+    for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--heun-steps", args.heun_steps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     if args.fid:
         fid.check_sample_count(args.num, "--num")
-    use_compile_cache(args.compile_cache)
+    if not Path(args.workdir).is_dir():
+        raise UserError(f"--workdir {args.workdir}: no such directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; bad input raises UserError (run through scgcm.errors.run_cli: one line, exit code 2)."""
+    args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+    check_args(args)
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
-    if args.fid:  # the reference first, so that a missing file or dataset stops us before sampling
+    use_compile_cache(args.compile_cache)
+    state, step = load_state(workdir, cfg, args.checkpoint, args.mode)  # a missing step stops us before any network
+    if args.fid:  # the reference before sampling, so that a missing file or dataset stops us first
         extractor = functools.cache(lambda: fid.FeatureExtractor(  # built only when features are needed
             inception.load_inception(), batch_size=min(args.batch_size, fid.default_batch_size()), progress=True))
         ref_stats, ref_name = reference(args, cfg, extractor)
-    state, step = load_state(workdir, cfg, args.checkpoint, args.mode)
     model = state.ema if args.ema else state.model
     m = cfg.model
     sampler = make_sampler(

@@ -1,19 +1,23 @@
 """`python -m scgcm.train --config.variant score|vanilla [--config.preset smoke] [--config.workdir DIR]`
 
-Read top to bottom: validate, data, model, resume, then one loop of (batch, jitted updates, log,
-sample grids, checkpoint + FID); final samples at the end. An existing run directory is resumed
-from its latest complete checkpoint. SIGTERM/SIGINT write a checkpoint of the current step and exit;
-a second signal exits at once.
+Read top to bottom: validate, lock the run directory, resume checks, data, model, resume, then one
+loop of (batch, jitted updates, log, sample grids, checkpoint + FID); final samples at the end. An
+existing run directory is resumed from its newest readable checkpoint. SIGTERM/SIGINT write a
+checkpoint of the current step and exit; a second signal exits at once; a signal during the final
+sampling (the checkpoint is written by then) exits at once, saying how to finish with scgcm.sample.
 """
 
+import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,13 +27,15 @@ from tqdm.auto import tqdm
 from scgcm import data as data_lib
 from scgcm import fid as fid_lib
 from scgcm import inception
-from scgcm.checkpoint import Checkpointer
+from scgcm.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
+from scgcm.errors import UserError, run_cli
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
-from scgcm.rundir import MetricsLog, save_grid, setup_logging, use_compile_cache, write_config
+from scgcm.rundir import (MetricsLog, RunLock, close_logging, config_changes, log_to_file, previous_config, save_grid,
+                          setup_logging, use_compile_cache, write_config)
 from scgcm.state import make_optimizer
 
 GRID_MODES = ("onestep", "heun")
@@ -46,6 +52,8 @@ class StopSignal:
 
     def __init__(self):
         self.signum: int | None = None
+        self._exit_message: str | None = None
+        self._on_exit = None
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous = {s: signal.signal(s, lambda *_: None) for s in self.SIGNALS}
@@ -58,6 +66,13 @@ class StopSignal:
             if signum not in self.SIGNALS:
                 continue
             name = signal.Signals(signum).name
+            if self._exit_message is not None:
+                message = f"{name} {self._exit_message}"
+                sys.stderr.write(f"\n{message}\n")
+                sys.stderr.flush()
+                if self._on_exit is not None:
+                    self._on_exit(message)
+                os._exit(128 + signum)
             if self.signum is not None:
                 sys.stderr.write(f"\nsecond signal {name}: exiting now\n")
                 sys.stderr.flush()
@@ -65,6 +80,12 @@ class StopSignal:
             self.signum = signum
             sys.stderr.write(f"\n{name}: saving a checkpoint, then exiting (signal again to exit now)\n")
             sys.stderr.flush()
+
+    def exit_at_once(self, message: str, on_exit=None) -> None:
+        """From now on a signal exits at once with 128 + signum, after printing '<SIGNAL> <message>'
+        and passing that line to `on_exit` (for log.txt)."""
+        self._on_exit = on_exit
+        self._exit_message = message
 
     def restore(self) -> None:
         signal.set_wakeup_fd(self._previous_fd)
@@ -96,34 +117,103 @@ def first_bad_update(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
 
 def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None) -> int:
     """Run (or resume) training; returns the process exit code. `extractor` gives the FID features
-    (default: the standard Inception network; tests pass a cheap stand-in)."""
+    (default: the standard Inception network; tests pass a cheap stand-in). The run directory is locked
+    for the whole call; a fatal error (a UserError or any other exception) is also written to log.txt."""
     launched = time.perf_counter()
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = setup_logging(workdir)
+    lock = log = None
+    try:
+        lock = RunLock(workdir) if jax.process_index() == 0 else None  # one trainer per run directory
+        log = setup_logging(workdir)
+        if lock is not None and getattr(lock, "stale", ""):
+            log.info("%s was left by a trainer that ended without releasing it (%s)", lock.path, lock.stale)
+        return _train(cfg, workdir, log, launched, extractor)
+    except UserError as e:
+        log_to_file(workdir, str(e))  # the CLI prints it on stderr
+        raise
+    except Exception:
+        log_to_file(workdir, "fatal error: " + traceback.format_exc().rstrip())
+        raise
+    finally:
+        if log is not None:
+            close_logging(log)
+        if lock is not None:
+            lock.release()
+
+
+def check_resume(cfg: TrainConfig, workdir: Path) -> None:
+    """Before anything is written: a run directory with checkpoints may only be resumed with the same
+    run-math configuration (rundir.MATH_FIELDS) unless --config.allow-config-change, and its
+    checkpoints folder must be writable."""
+    folder = workdir / "checkpoints"
+    has_checkpoints = (folder / "latest").is_dir() and any(p.name.isdigit() for p in (folder / "latest").iterdir())
+    previous = previous_config(workdir) if has_checkpoints else None
+    if previous is not None and not cfg.allow_config_change:
+        changes = config_changes(previous, dataclasses.asdict(cfg))
+        if changes:
+            raise UserError(f"--config.workdir {workdir}: its checkpoints were made with another configuration "
+                            f"({'; '.join(changes)}); pass --config.allow-config-change to resume anyway, "
+                            "or use another --config.workdir")
+    try:  # a file named checkpoints, a read-only folder: found now, not at the first save
+        (folder / "latest").mkdir(parents=True, exist_ok=True)
+        probe = folder / "latest" / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--config.workdir {workdir}: cannot write checkpoints in {folder} "
+                        f"({type(e).__name__}: {e.strerror or e})") from None
+
+
+def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
+           extractor: fid_lib.FeatureExtractor | None) -> int:
+    check_resume(cfg, workdir)
     write_config(workdir, cfg)
     cache = use_compile_cache(cfg.compile_cache)
     log.info("XLA compilation cache: %s", cache or "off")
     m = cfg.model
     shape = (m.channels, m.image_size, m.image_size)
+    n = cfg.steps_per_call
 
+    # resume first (shapes only, nothing compiled), so that an unreadable run stops before any heavy work
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_modes=cfg.fid.modes if cfg.fid.enabled else ())
+    try:
+        try:
+            skeleton = eqx.filter_eval_shape(build_state, cfg, optim) if ckpt.steps() else None
+            restored = ckpt.restore(skeleton, move_aside=True) if skeleton is not None else None
+        except NoReadableCheckpoint as e:
+            if not cfg.restart_from_scratch:
+                raise UserError(f"{e}. Not starting again from step 0: check the disk, mount and permissions; "
+                                "or pass --config.restart-from-scratch (the unreadable checkpoints are moved aside), "
+                                f"or move {ckpt.directory} aside") from None
+            for s in ckpt.steps():
+                ckpt.move_aside(s)
+            log.warning("every checkpoint in %s was unreadable: moved aside to corrupt-<step>; starting again from "
+                        "step 0 (--config.restart-from-scratch)", ckpt.directory / "latest")
+            restored = None
+        if restored is not None and restored[1] % n:
+            raise UserError(f"--config.steps-per-call {n}: the run resumes at step {restored[1]}, which is not a "
+                            "multiple of it; use the steps-per-call the run was started with")
+        return _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape)
+    finally:
+        ckpt.close()
+
+
+def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -> int:
+    m = cfg.model
     images = load_training_images(cfg)
     log.info("data: %d images of %s from %s", len(images), images.shape[1:], cfg.data.source or "Hugging Face cifar10")
 
     mesh = make_mesh()
-    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-    state = build_state(cfg, optim)
+    if restored is not None:
+        (state, step), skipped_total = restored, ckpt.counters.get("skipped_total", 0)
+        log.info("resumed from %s at step %d", ckpt.directory / "latest", step)
+    else:
+        state, step, skipped_total = build_state(cfg, optim), 0, 0
     (tp, ta), (hp, ha) = count_params(state.model.torso), count_params(state.model.head)
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
-
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_modes=cfg.fid.modes if cfg.fid.enabled else ())
-    restored = ckpt.restore(state)
-    if restored is not None:
-        state, step = restored
-        log.info("resumed from %s at step %d", ckpt.directory / "latest", step)
-    else:
-        step = 0
     state = replicate(state, mesh)
 
     schedule = build_schedule(cfg)
@@ -174,7 +264,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs (the final evaluation's
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
-        ckpt.save(at, state)
+        ckpt.save(at, state, counters={"skipped_total": skipped_total})
         log.info("checkpoint saved at step %d", at)
         comparable = not final or (evaluator is not None and final_evaluator.num == evaluator.num)  # FID depends on N
         for mode, value in scores.items():
@@ -190,7 +280,6 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     )
     stop = StopSignal()
     interval: list[dict] = []
-    skipped_total = 0
     fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
     busy, timed = 0.0, 0  # seconds in training calls since the last log line (not sampling, saving or the
     # first call's compilation), and the updates they made
@@ -249,6 +338,9 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
                 log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
                 return 128 + stop.signum
         save_checkpoint(step, with_fid=step > start_step, final=step >= cfg.total_steps)
+        if step >= cfg.total_steps and cfg.sample.final_sampling:
+            bar.close()
+            code = final_sampling(cfg, workdir, log, stop, state, samplers["onestep"], evaluator, mesh, step)
     except NonFiniteError as e:
         log.error("%s", e)
         code = 3
@@ -257,19 +349,38 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         bar.close()
         loader.close()
         metrics_log.close()
-
-    if code == 0 and step >= cfg.total_steps and cfg.sample.final_sampling:
-        samples = generate(state.ema, samplers["onestep"], seed=cfg.seed, num=cfg.sample.final_num,
-                           batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
-        (workdir / "samples").mkdir(exist_ok=True)  # no grid may have been written yet
-        np.savez_compressed(workdir / "samples" / "final_onestep.npz", images=samples)
-        save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
-        log.info("final samples: %s", workdir / "samples" / "final_onestep.npz")
-        if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
-            log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
-                     evaluator.score(samples, "final onestep"))
-    ckpt.close()
     return code
+
+
+def final_sampling(cfg: TrainConfig, workdir: Path, log, stop: StopSignal, state, sampler, evaluator, mesh,
+                   step: int) -> int:
+    """`final_num` one-step images (and their FID) after the last checkpoint. A signal now exits at once
+    (nothing is lost: the checkpoint is written), saying how to make the same images with scgcm.sample."""
+    out = workdir / "samples" / "final_onestep.npz"
+    finish = (f"python -m scgcm.sample --workdir {workdir} --checkpoint {step} --mode onestep "
+              f"--num {cfg.sample.final_num} --seed {cfg.seed} --out {out}"
+              + (" --fid" + (f" --fid-ref {cfg.fid.ref}" if cfg.fid.ref else "")
+                 if evaluator is not None and cfg.sample.final_num >= cfg.fid.num else ""))
+    message = (f"during the final sampling: stopped; the checkpoint of step {step} is saved. "
+               f"To make the final samples: {finish}")
+    stop.exit_at_once(message, on_exit=lambda line: log_to_file(workdir, line, "WARNING"))
+    if stop.signum is not None:  # a signal came during the last checkpoint
+        log.warning("%s %s", signal.Signals(stop.signum).name, message)
+        return 128 + stop.signum
+    log.info("final sampling: %d one-step images", cfg.sample.final_num)
+    samples = generate(state.ema, sampler, seed=cfg.seed, num=cfg.sample.final_num,
+                       batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
+    out.parent.mkdir(exist_ok=True)  # no grid may have been written yet
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as f:  # renamed when complete: a kill never leaves half a file
+        np.savez_compressed(f, images=samples)
+    os.replace(tmp, out)
+    save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
+    log.info("final samples: %s", out)
+    if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
+        log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
+                 evaluator.score(samples, "final onestep"))
+    return 0
 
 
 @dataclass
@@ -296,19 +407,21 @@ def parse(argv: list[str]) -> TrainConfig:
     return tyro.cli(Args, args=argv, default=Args(default), description=__doc__).config
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = with_variant_workdir(parse(sys.argv[1:] if argv is None else argv))
+def run(argv: list[str]) -> int:
+    """The CLI; bad input raises UserError (see `main`)."""
+    cfg = with_variant_workdir(parse(argv))
     initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
     errors = validate_config(cfg, num_devices=jax.device_count())
     if errors:
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        return train(cfg)
-    except data_lib.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return train(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug)."""
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ def _main(argv, capsys):
     (["--config.optim.torso-lr", "-1"], "--config.optim.torso-lr must be positive"),
     (["--config.total-steps", "0"], "--config.total-steps must be positive"),
     (["--config.sample.heun-steps", "0"], "--config.sample.heun-steps must be positive"),
+    (["--config.total-steps", "22"], "--config.total-steps (22) must be a multiple of --config.steps-per-call (4)"),
 ])
 def test_bad_config_is_one_line_before_any_compile(args, needle, tmp_path, capsys):
     start = time.perf_counter()
