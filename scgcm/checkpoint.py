@@ -200,8 +200,13 @@ class Checkpointer:
         try:
             manager.save(step, args=ocp.args.StandardSave(flat), metrics=metrics, force=True)
             manager.wait_until_finished()
-            if jax.process_index() == 0:
-                write_checksums(self.step_dir(step, manager), {k: np.asarray(v) for k, v in flat.items()})
+            step_dir = self.step_dir(step, manager)
+            if jax.process_index() == 0 and step_dir.is_dir():  # a best manager may not keep a worse step
+                try:
+                    write_checksums(step_dir, {k: np.asarray(v) for k, v in flat.items()})
+                except FileNotFoundError:
+                    if step_dir.is_dir():  # not a step the manager just dropped
+                        raise
         except Exception as e:
             if not _is_no_space(e):
                 raise

@@ -215,7 +215,7 @@ def matching_steps(runs: list[Run], mode: str, rows: int) -> list[int]:
     return [common[i] for i in picks]
 
 
-def side_by_side(runs: list[Run], mode: str, out: Path, rows: int = 4, cell: int = 256) -> Path | None:
+def side_by_side(runs: list[Run], mode: str, out: Path, rows: int = 3, cell: int = 192) -> Path | None:
     """One PNG: a column per run, a row per matching step, each cell the run's grid at that step."""
     steps = matching_steps(runs, mode, rows)
     if not steps:
