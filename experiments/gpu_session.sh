@@ -83,7 +83,7 @@ case $PART in
         echo "== study $variant ($STUDY_S s)"
         timeout -s TERM -k 30 "$STUDY_S" "$PY" -m scgcm.train "${STUDY[@]}" --config.variant "$variant" \
             --config.data.source "$SOURCE" --config.workdir "$OUT/study/$variant" > "$OUT/study-$variant.log" 2>&1
-        echo "exit $? (143: stopped by the time limit after a checkpoint)"
+        echo "exit $? (124: stopped by the time limit, after a checkpoint)"
         tail -3 "$OUT/study-$variant.log"
     done
     "$PY" -m scgcm.report "$OUT/study/score" "$OUT/study/vanilla" --out "$OUT/study/report"

@@ -3,7 +3,7 @@
 Read top to bottom: validate, lock the run directory, resume checks, data, model, resume, then one
 loop of (batch, jitted updates, log, sample grids, checkpoint + FID); final samples at the end. An
 existing run directory is resumed from its newest readable checkpoint. SIGTERM/SIGINT write a
-checkpoint of the current step and exit; a second signal exits at once; a signal during the final
+checkpoint of the current step and exit; a second signal (a second or more later) exits at once; a signal during the final
 sampling (the checkpoint is written by then) exits at once, saying how to finish with scgcm.sample.
 """
 
@@ -42,16 +42,20 @@ GRID_MODES = ("onestep", "heun")
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop. Second: exit at once.
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop. Second (DUPLICATE_S or more later): exit at once.
 
     Signals are counted by a watcher thread reading Python's signal wakeup fd, so a second
     signal acts even while the main thread is inside a long compile or a jitted call.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DUPLICATE_S = 1.0
+    """A second signal this soon after the first is the same request delivered twice: `timeout` and
+    schedulers (SLURM) signal both the process and its process group. Only a later one exits at once."""
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._exit_message: str | None = None
         self._on_exit = None
         self._read, self._write = os.pipe()
@@ -74,10 +78,12 @@ class StopSignal:
                     self._on_exit(message)
                 os._exit(128 + signum)
             if self.signum is not None:
+                if time.monotonic() - self._first_at < self.DUPLICATE_S:
+                    continue
                 sys.stderr.write(f"\nsecond signal {name}: exiting now\n")
                 sys.stderr.flush()
                 os._exit(128 + signum)
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
             sys.stderr.write(f"\n{name}: saving a checkpoint, then exiting (signal again to exit now)\n")
             sys.stderr.flush()
 

@@ -6,17 +6,44 @@ nothing from scgcm at module level.
 """
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_enable_xprof_traceme=true"
 ).strip()
+# One cache for the whole run: pytest-xdist's workers inherit the controller's environment, so they
+# and every training subprocess share it (a program compiled by one is read by the others).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="scgcm-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# A size limit turns on JAX's file lock around cache reads and writes (needed with several writers).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 
 import pytest  # noqa: E402
+
+
+def shared_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once per test run, even across pytest-xdist workers: the first worker to get
+    the lock makes `folder` (tests only read it, or copy it), the others wait and reuse it."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # one process: the session's own temporary folder
+        folder = tmp_path_factory.mktemp(name) / name
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / f"shared-{run_id}"  # common to this run's workers
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +51,14 @@ def smoke_run(tmp_path_factory):
     """An uninterrupted 8-update tiny run through the CLI: checkpoints at 4 and 8, grids, metrics, samples."""
     from cli import run_train
 
-    workdir = tmp_path_factory.mktemp("runs") / "smoke"
-    result = run_train(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    def make(workdir: Path) -> None:
+        result = run_train(workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return shared_once(tmp_path_factory, "smoke", make)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's default): one worker per core, at most 4 (each worker compiles its own
+    programs in memory; more would mostly repeat that work). `-n 0` runs in one process."""
+    return max(1, min(os.cpu_count() or 1, 4))

@@ -1,8 +1,9 @@
 """One training call under shard_map, gradient accumulation, bfloat16 compute, remat (issue 5).
 
-conftest.py gives this process 8 simulated CPU devices (and per-op CPU profiler events). Every run starts from the same tiny model,
-its weights moved off their near-zero init (so every path, the output convs included, carries
-signal), and makes two updates (steps_per_call=2) on the same global batch of 8 images. Compiled
+conftest.py gives this process 8 simulated CPU devices (and per-op CPU profiler events). Every run
+starts from the same micro model (tiny.MICRO_ATTN_MODEL: one level of 8×8, attention: every kind of
+layer at the least compile cost), its weights moved off their near-zero init (so every path, the
+output convs included, carries signal), and makes two updates (steps_per_call=2) on the same global batch of 8 images. Compiled
 train functions are shared through module-scoped fixtures; `make_train_fn` donates its inputs, so
 each run gets fresh copies of the initial state.
 
@@ -29,10 +30,10 @@ from scgcm.model import split_trainable
 from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
 from scgcm.state import init_state, make_optimizer
 
-from tiny import MICRO_MODEL, tiny_config
+from tiny import MICRO_ATTN_MODEL, MICRO_MODEL, tiny_config
 
-CFG = tiny_config(steps_per_call=2)  # batch 8
-IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 3, 16, 16)).astype(np.float32)  # (calls' steps, batch, c, h, w)
+CFG = tiny_config(steps_per_call=2, model=MICRO_ATTN_MODEL)  # batch 8 of 8×8 images
+IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 3, 8, 8)).astype(np.float32)  # (calls' steps, batch, c, h, w)
 RTOL, ATOL, UPDATE_TOL = 1e-5, 1e-6, 1e-3
 # bfloat16 vs float32, first update, this model and batch: measured relative gaps 1.3e-4 (loss_ct),
 # 1.3e-4 (loss_dsm), 9e-4 (torso gradient norm); the bounds are ~4-5x those.
@@ -176,7 +177,7 @@ def test_remat_gives_the_same_gradients(initial):
     f, trainable, (value, grads) = _torso_grads(torso)
     f_remat, trainable_remat, (value_remat, grads_remat) = _torso_grads(remat_torso)
     assert _count_remat(jax.make_jaxpr(f)(trainable)) == 0
-    assert _count_remat(jax.make_jaxpr(f_remat)(trainable_remat)) == 13  # 10 res blocks + 3 attention blocks
+    assert _count_remat(jax.make_jaxpr(f_remat)(trainable_remat)) == 8  # 5 res blocks (1 down, 2 middle, 2 up) + 3 attention blocks
     np.testing.assert_allclose(value_remat, value, rtol=RTOL)
     for g, g_ref in zip(_floats(grads_remat), _floats(grads), strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=ATOL * max(1.0, np.abs(g_ref).max()))
@@ -190,8 +191,8 @@ def _load_bench():
     return module
 
 
-def test_bench_runs_with_the_tiny_model(one_device, tmp_path):
-    """experiments/bench_train.py on one device, the test's tiny configuration, one timed call."""
+def test_bench_runs_with_the_micro_model(one_device, tmp_path):
+    """experiments/bench_train.py on one device, the test's micro configuration, one timed call."""
     bench = _load_bench()
     args = bench.Args(tiny=True, batch_sizes=(8,), dtypes=("float32",), variants=("score",), steps=1,
                       steps_per_call=CFG.steps_per_call, devices=1, profile=str(tmp_path / "profile"))
@@ -216,7 +217,7 @@ def test_bench_runs_with_the_tiny_model(one_device, tmp_path):
 
 
 def test_bench_memory_plan_from_shapes():
-    """--memory-only compiles the tiny step from shapes: the donated state is aliased to the new state
+    """--memory-only compiles the micro step from shapes: the donated state is aliased to the new state
     (no second copy of the weights), and the total is arguments + outputs + temporaries − aliases."""
     bench = _load_bench()
     (row,) = bench.main(bench.Args(memory_only=True, batch_sizes=(4,), dtypes=("float32",), variants=("score",)),

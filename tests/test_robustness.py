@@ -36,6 +36,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path):
     proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     _wait_for_metrics(proc, workdir)  # the first log line comes at step 2 of 8
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # delivered twice, as `timeout` and SLURM do (process and group)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     stopped = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
@@ -49,7 +50,7 @@ def test_second_signal_exits_at_once(tmp_path):
     proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     _wait_for_metrics(proc, workdir)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    time.sleep(1.5)  # sooner, it would count as the first one delivered twice
     proc.send_signal(signal.SIGINT)  # acted on by a watcher thread, even mid-call
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT

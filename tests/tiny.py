@@ -18,6 +18,14 @@ MICRO_MODEL = ModelConfig(
     image_size=8,
 )
 
+# MICRO_MODEL with self-attention in torso and head: every kind of layer the step has, at the least
+# compile cost (the shard_map, accumulation, bfloat16, remat and benchmark tests).
+MICRO_ATTN_MODEL = ModelConfig(
+    torso=TorsoConfig(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,)),
+    head=HeadConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_levels=(0,)),
+    image_size=8,
+)
+
 
 def tiny_config(**overrides) -> TrainConfig:
     base = dataclasses.replace(SMOKE, model=TINY_MODEL, batch_size=8, steps_per_call=2)
