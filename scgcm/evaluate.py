@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image, ImageDraw, ImageFont
 
-from scgcm import fid, inception
+from scgcm import fid, inception, precision_recall
 from scgcm.generate import generate
 from scgcm.model import SCGCM
 
@@ -31,45 +31,86 @@ def rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
+Scores = dict[str, float]  # {"fid": …, "precision": …, "recall": …}; the last two only with real features
+
+
+def feature_scores(features: np.ndarray, ref_stats: fid.Stats, ref_features: np.ndarray | None = None) -> Scores:
+    """FID of generated features against (μ, Σ), and precision/recall against the real features if given."""
+    out = {"fid": fid.frechet_distance(*fid.compute_statistics(features), *ref_stats)}
+    if ref_features is not None and min(len(features), len(ref_features)) > precision_recall.K:
+        out["precision"], out["recall"] = precision_recall.precision_recall(ref_features, features)
+    return out
+
+
 class FIDEvaluator:
-    """`evaluator(model) -> {mode: FID}`: `num` images per sampler, `batch_size` at a time over the
+    """`evaluator(model) -> {mode: FID}` (and `evaluate(model) -> {mode: Scores}` with precision and
+    recall when `ref_features` are given): `num` images per sampler, `batch_size` at a time over the
     mesh, their Inception features through `extractor`, against `ref_stats` (μ, Σ).
 
     A mode whose distance cannot be computed (e.g. non-finite features) gets NaN and a warning."""
 
     def __init__(self, ref_stats: fid.Stats, extractor: fid.FeatureExtractor,
                  samplers: Mapping[str, Callable[[SCGCM, jax.Array], jax.Array]], *, num: int, batch_size: int,
-                 seed: int = 42, mesh: Mesh | None = None, progress: bool = False):
+                 seed: int = 42, mesh: Mesh | None = None, progress: bool = False,
+                 ref_features: np.ndarray | None = None):
         if num < 2:
             raise ValueError(f"FID needs at least 2 samples per mode, got num={num}")
         self.ref_stats, self.extractor, self.samplers = ref_stats, extractor, dict(samplers)
         self.num, self.batch_size, self.seed, self.mesh, self.progress = num, batch_size, seed, mesh, progress
+        self.ref_features = ref_features
 
     def images(self, model: SCGCM, mode: str) -> np.ndarray:
         return generate(model, self.samplers[mode], seed=self.seed, num=self.num, batch_size=self.batch_size,
                         mesh=self.mesh, progress=self.progress)
 
     def __call__(self, model: SCGCM) -> dict[str, float]:
-        return {mode: self.score(self.images(model, mode), mode) for mode in self.samplers}
+        return {mode: s["fid"] for mode, s in self.evaluate(model).items()}
 
-    def score(self, images: np.ndarray, mode: str = "samples") -> float:
+    def evaluate(self, model: SCGCM) -> dict[str, Scores]:
+        return {mode: self.scores(self.images(model, mode), mode) for mode in self.samplers}
+
+    def scores(self, images: np.ndarray, mode: str = "samples") -> Scores:
         try:
-            return fid.fid_from_images(rgb(images), self.ref_stats, self.extractor)
+            return feature_scores(self.extractor.features(rgb(images)), self.ref_stats, self.ref_features)
         except ValueError as e:
             log.warning("FID of %s is undefined (%s)", mode, e)
-            return float("nan")
+            return {"fid": float("nan")}
+
+    def score(self, images: np.ndarray, mode: str = "samples") -> float:
+        return self.scores(images, mode)["fid"]
 
 
-def data_statistics(source: str | None, extractor: fid.FeatureExtractor, *, split: str = "train",
-                    image_size: int = 32, channels: int = 3, synthetic_size: int = 2048, seed: int = 42,
-                    cache_dir: str | Path | None = None) -> fid.Stats:
-    """Reference (μ, Σ) of a run's training data, cached in `cache_dir` (default: next to the weights).
+def flat_scores(results: Mapping[str, Scores]) -> dict[str, float]:
+    """{mode: Scores} → metrics.jsonl's {"fid_<mode>": …, "precision_<mode>": …, "recall_<mode>": …}."""
+    return {f"{name}_{mode}": value for mode, s in results.items() for name, value in s.items()}
 
-    A dataset at 32×32×3 goes through `fid.reference_statistics`, sharing its cache with
+
+def describe_scores(results: Mapping[str, Scores]) -> str:
+    """'onestep 12.345 (precision 0.612, recall 0.401), heun …' for logs and prints."""
+    def one(s: Scores) -> str:
+        pr = f" (precision {s['precision']:.3f}, recall {s['recall']:.3f})" if "precision" in s else ""
+        return f"{s['fid']:.3f}{pr}"
+
+    return ", ".join(f"{mode} {one(s)}" for mode, s in results.items())
+
+
+def data_statistics(source: str | None, extractor: fid.FeatureExtractor, **kwargs) -> fid.Stats:
+    """(μ, Σ) of `data_reference`."""
+    return data_reference(source, extractor, **kwargs)[0]
+
+
+def data_reference(source: str | None, extractor: fid.FeatureExtractor, *, split: str = "train",
+                   image_size: int = 32, channels: int = 3, synthetic_size: int = 2048, seed: int = 42,
+                   cache_dir: str | Path | None = None, need_features: bool = False) -> tuple[fid.Stats, np.ndarray | None]:
+    """Reference (μ, Σ) of a run's training data and up to `fid.REAL_FEATURES_MAX` of its features
+    (for precision/recall; None unless cached or `need_features`), cached in `cache_dir` (default:
+    next to the weights).
+
+    A dataset at 32×32×3 goes through `fid.reference`, sharing its cache with
     `python -m scgcm.fid ref --source S`; the synthetic set and other sizes are cached under a name
     that also holds their size, channels (and, for 'synthetic', count and seed)."""
     if source != "synthetic" and (image_size, channels) == (32, 3):
-        return fid.reference_statistics(source, extractor, cache_dir, split)
+        return fid.reference(source, extractor, cache_dir, split, need_features=need_features)
     from scgcm import data  # the data stack is only needed here
 
     extra = f"{synthetic_size}|{seed}" if source == "synthetic" else split
@@ -77,15 +118,13 @@ def data_statistics(source: str | None, extractor: fid.FeatureExtractor, *, spli
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source or "default")[-48:]
     cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
     path = cache_dir / f"fid-ref-{slug}-{split}-{image_size}x{channels}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-    if path.is_file():
-        return fid.load_statistics(path)
-    if source == "synthetic":
-        images = data.synthetic_images(synthetic_size, image_size=image_size, channels=channels, seed=seed)
-    else:
-        images = data.load_images(source, split=split, image_size=image_size, channels=channels)
-    mu, sigma = fid.compute_statistics(extractor.features(rgb(images)))
-    fid.save_statistics(path, mu, sigma, source=str(source), split=split, num_images=len(images))
-    return mu, sigma
+
+    def images() -> np.ndarray:
+        if source == "synthetic":
+            return rgb(data.synthetic_images(synthetic_size, image_size=image_size, channels=channels, seed=seed))
+        return rgb(data.load_images(source, split=split, image_size=image_size, channels=channels))
+
+    return fid.cached_reference(path, images, extractor, need_features=need_features, source=str(source), split=split)
 
 
 # ------------------------------------------------------------------------------------------ plot
@@ -95,7 +134,14 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def read_fids(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, float]]]:
     """{mode: [(step, FID), …]} from the `fid_<mode>` entries of metrics.jsonl (finite values only)."""
-    series: dict[str, list[tuple[int, float]]] = {}
+    return {mode: [(s, v["fid"]) for s, v in points] for mode, points in read_evaluations(metrics_jsonl).items()
+            if all("fid" in v for _, v in points)}
+
+
+def read_evaluations(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """{mode: [(step, {"fid": …, "precision": …, "recall": …, "num": …}), …]} of the evaluations in
+    metrics.jsonl (records with a finite `fid_<mode>`; `num` from `fid_num_samples` when logged)."""
+    series: dict[str, list[tuple[int, dict[str, float]]]] = {}
     path = Path(metrics_jsonl)
     if not path.exists():
         return series
@@ -104,9 +150,25 @@ def read_fids(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, float]]]:
             continue
         record = json.loads(line)
         for k, v in record.items():
-            if k.startswith("fid_") and isinstance(v, (int, float)) and math.isfinite(v):
-                series.setdefault(k[4:], []).append((int(record["step"]), float(v)))
+            if k.startswith("fid_") and k != NUM_KEY and isinstance(v, (int, float)) and math.isfinite(v):
+                mode = k[4:]
+                entry = {"fid": float(v), **{name: float(record[f"{name}_{mode}"]) for name in ("precision", "recall")
+                                             if isinstance(record.get(f"{name}_{mode}"), (int, float))}}
+                if isinstance(record.get(NUM_KEY), int):
+                    entry["num"] = record[NUM_KEY]
+                series.setdefault(mode, []).append((int(record["step"]), entry))
     return series
+
+
+NUM_KEY = "fid_num_samples"
+"""metrics.jsonl key of the number of samples behind the FIDs of a record (not a mode)."""
+
+
+def evaluated_steps(metrics_jsonl: str | Path, modes: tuple[str, ...]) -> set[int]:
+    """Steps with a logged FID for every one of `modes`."""
+    per_mode = read_evaluations(metrics_jsonl)
+    sets = [{s for s, _ in per_mode.get(mode, [])} for mode in modes]
+    return set.intersection(*sets) if sets else set()
 
 
 def _ticks(lo: float, hi: float, log_scale: bool) -> list[float]:
@@ -124,8 +186,23 @@ def _label(v: float) -> str:
 
 def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, int] = (720, 440)) -> bool:
     """FID against training step, one line per mode (log-scaled when it spans a decade); PIL only.
-    Returns False (and writes nothing) when metrics.jsonl holds no FID yet."""
-    series = read_fids(metrics_jsonl)
+    The axis names the sample count when under 50,000. Returns False (and writes nothing) when
+    metrics.jsonl holds no FID yet."""
+    evaluations = read_evaluations(metrics_jsonl)
+    if not evaluations:
+        return False
+    nums = sorted({v["num"] for points in evaluations.values() for _, v in points if "num" in v})
+    ylabel = " / ".join(fid.fid_label(n) for n in nums) if nums else "FID"
+    series = {mode: [(s, v["fid"]) for s, v in points] for mode, points in evaluations.items()}
+    return plot_lines(series, out_png, xlabel="step", ylabel=ylabel, size=size, integer_x=True)
+
+
+def plot_lines(series: Mapping[str, list[tuple[float, float]]], out_png: str | Path, *, xlabel: str, ylabel: str,
+               size: tuple[int, int] = (720, 440), integer_x: bool = False) -> bool:
+    """y against x, one line per name (y log-scaled when it spans a decade), to a PNG; PIL only.
+    Returns False (and writes nothing) without finite points."""
+    series = {k: [(float(x), float(y)) for x, y in v if math.isfinite(y)] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if v}
     if not series:
         return False
     width, height = size
@@ -157,9 +234,9 @@ def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, in
     for t in _ticks(x0, x1, False):
         x = px(t)
         draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x, height - bottom + 6), f"{int(t):,}", fill="black", font=font, anchor="ma")
-    draw.text((width / 2, height - 14), "step", fill="black", font=font, anchor="mm")
-    draw.text((left, top / 2), "FID" + (" (log scale)" if log_scale else ""), fill="black", font=font, anchor="lm")
+        draw.text((x, height - bottom + 6), f"{int(t):,}" if integer_x else _label(t), fill="black", font=font, anchor="ma")
+    draw.text((width / 2, height - 14), xlabel, fill="black", font=font, anchor="mm")
+    draw.text((left, top / 2), ylabel + (" (log scale)" if log_scale else ""), fill="black", font=font, anchor="lm")
     for i, (mode, points) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         xy = [(px(s), py(v)) for s, v in sorted(points)]

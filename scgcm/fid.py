@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, UInt8
 
 from scgcm import inception
+from scgcm.precision_recall import K, precision_recall, subsample
 
 Stats = tuple[np.ndarray, np.ndarray]
 
@@ -100,12 +101,20 @@ class FeatureExtractor:
         return np.concatenate(out).astype(np.float32)
 
 
-def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta: str | int) -> None:
+REAL_FEATURES_MAX = 50_000
+"""Real features kept in a reference cache (a fixed random subset beyond this), for precision/recall:
+all of CIFAR-10's 50,000 training images, 400 MB as float32."""
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, features: np.ndarray | None = None,
+                    **meta: str | int) -> None:
+    """μ, Σ (and optionally the features themselves, for precision/recall) to an .npz, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    extra = {} if features is None else {"features": np.asarray(features, np.float32)}
     with open(partial, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+        np.savez(f, mu=mu, sigma=sigma, **extra, **{k: np.asarray(v) for k, v in meta.items()})
     partial.replace(path)
 
 
@@ -116,22 +125,55 @@ def load_statistics(path: str | Path) -> Stats:
         return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
 
 
+def load_features(path: str | Path) -> np.ndarray | None:
+    """The real features stored with statistics (for precision/recall), or None if the file has none."""
+    with np.load(path, allow_pickle=False) as z:
+        return z["features"] if "features" in z.files else None
+
+
+def cached_reference(path: Path, images: Callable[[], np.ndarray], extractor: FeatureExtractor, *,
+                     need_features: bool = False, **meta: str | int) -> tuple[Stats, np.ndarray | None]:
+    """(μ, Σ) and up to REAL_FEATURES_MAX features of `images()`, from the .npz at `path` if it holds
+    them (features only when needed: an older cache without them is recomputed then), else computed and saved."""
+    if path.is_file():
+        features = load_features(path)
+        if features is not None or not need_features:
+            return load_statistics(path), features
+    data = images()
+    features = extractor.features(data)
+    mu, sigma = compute_statistics(features)
+    kept = subsample(features, REAL_FEATURES_MAX)
+    save_statistics(path, mu, sigma, features=kept, num_images=len(data), **meta)
+    return (mu, sigma), kept
+
+
 def reference_statistics(source: str | None, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
                          split: str = "train") -> Stats:
     """Statistics of a whole dataset split (`scgcm.data.load_images`), cached as `.npz` in
     `cache_dir` (default: the weights' cache folder) under a name made from source and split."""
+    return reference(source, extractor, cache_dir, split)[0]
+
+
+def reference(source: str | None, extractor: FeatureExtractor, cache_dir: str | Path | None = None,
+              split: str = "train", *, need_features: bool = False) -> tuple[Stats, np.ndarray | None]:
+    """`reference_statistics` and the cached real features (None unless cached or `need_features`)."""
     from scgcm.data import load_images  # the data stack is only needed when the cache misses
 
     cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
     key = f"{source!r}|{split}|{inception.PT_SHA256}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source or "default")[-48:]
     path = cache_dir / f"fid-ref-{slug}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
-    if path.is_file():
-        return load_statistics(path)
-    images = load_images(source, split=split)
-    mu, sigma = compute_statistics(extractor.features(images))
-    save_statistics(path, mu, sigma, source=str(source), split=split, num_images=len(images))
-    return mu, sigma
+    return cached_reference(path, lambda: load_images(source, split=split), extractor, need_features=need_features,
+                            source=str(source), split=split)
+
+
+STANDARD_NUM = 50_000
+"""Samples of a FID comparable with published numbers; fewer give a value biased upward."""
+
+
+def fid_label(num: int) -> str:
+    """'FID' for the standard 50,000 samples (or more), else 'FID (1,000 samples)': FID is biased upward at small N."""
+    return "FID" if num >= STANDARD_NUM else f"FID ({num:,} samples)"
 
 
 def fid_from_images(images_u8: np.ndarray, ref_stats: Stats, extractor: FeatureExtractor) -> float:
@@ -202,18 +244,25 @@ def main(command: Ref | Calc) -> None:
 
     match command:
         case Ref(source=source, split=split, out=out):
-            mu, sigma = reference_statistics(source, extractor(), split=split)
+            (mu, sigma), features = reference(source, extractor(), split=split, need_features=out is not None)
             if out is not None:
-                save_statistics(out, mu, sigma, source=str(source), split=split)
+                save_statistics(out, mu, sigma, features=features, source=str(source), split=split)
                 print(f"wrote {out}", file=sys.stderr)
         case Calc(samples=samples, ref=ref, source=source, split=split):
             images = load_samples(samples)  # read the inputs before loading the network
             ref_stats = load_statistics(ref) if ref is not None else None
-            features = extractor()
+            ref_features = load_features(ref) if ref is not None else None
+            net = extractor()
             if ref_stats is None:
-                ref_stats = reference_statistics(source, features, split=split)
+                ref_stats, ref_features = reference(source, net, split=split, need_features=True)
+            features = net.features(images)
             print(f"{len(images)} samples from {samples}", file=sys.stderr)
-            print(f"{fid_from_images(images, ref_stats, features):.4f}")
+            if ref_features is not None and len(images) > K and len(ref_features) > K:
+                precision, recall = precision_recall(ref_features, features)
+                print(f"precision {precision:.4f}, recall {recall:.4f} (k={K}, {len(ref_features)} real features)",
+                      file=sys.stderr)
+            print(f"{fid_label(len(images))}:", file=sys.stderr)
+            print(f"{frechet_distance(*compute_statistics(features), *ref_stats):.4f}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from scgcm import fid as fid_lib
 from scgcm import inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
-from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
+from scgcm.evaluate import NUM_KEY, FIDEvaluator, data_reference, describe_scores, flat_scores, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
@@ -140,14 +140,19 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         if extractor is None:
             extractor = fid_lib.FeatureExtractor(inception.load_inception(), batch_size=cfg.fid.batch_size)
         d = cfg.data
-        ref_stats = fid_lib.load_statistics(cfg.fid.ref) if cfg.fid.ref else data_statistics(
-            d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
-            synthetic_size=d.synthetic_size, seed=cfg.seed)
+        if cfg.fid.ref:  # precision/recall only if the file holds real features (`scgcm.fid ref --out` writes them)
+            ref_stats, ref_features = fid_lib.load_statistics(cfg.fid.ref), fid_lib.load_features(cfg.fid.ref)
+        else:
+            ref_stats, ref_features = data_reference(
+                d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+                synthetic_size=d.synthetic_size, seed=cfg.seed, need_features=True)
         evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in cfg.fid.modes},
-                                 num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
+                                 num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh,
+                                 ref_features=ref_features)
         final_modes, final_num = cfg.fid.final_modes or cfg.fid.modes, cfg.fid.final_num or cfg.fid.num
         final_evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in final_modes},
-                                       num=final_num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
+                                       num=final_num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh,
+                                       ref_features=ref_features)
     metrics_log = MetricsLog(workdir, resume_step=step, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg)
     # wall-clock seconds of the run over all its starts (set-up and compilation included), for comparisons
     elapsed_before, started_at = metrics_log.last("elapsed_s", 0.0), launched
@@ -161,10 +166,11 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
 
     def evaluate_fid(at: int, final: bool = False) -> dict[str, float]:
         which = final_evaluator if final else evaluator
-        scores = which(state.ema)
+        results = which.evaluate(state.ema)
+        scores = {mode: r["fid"] for mode, r in results.items()}
         fids.update(scores)
-        metrics_log.write(at, {**{f"fid_{mode}": value for mode, value in scores.items()}, "num_fid_samples": which.num})
-        log.info("FID at step %d (%d samples): %s", at, which.num, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        metrics_log.write(at, {**flat_scores(results), NUM_KEY: which.num})
+        log.info("%s at step %d: %s", fid_lib.fid_label(which.num), at, describe_scores(results))
         if jax.process_index() == 0:
             plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
         return scores
@@ -265,8 +271,8 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
         log.info("final samples: %s", workdir / "samples" / "final_onestep.npz")
         if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
-            log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
-                     evaluator.score(samples, "final onestep"))
+            log.info("final %s (onestep, seed %d): %s", fid_lib.fid_label(len(samples)), cfg.seed,
+                     describe_scores({"onestep": evaluator.scores(samples, "final onestep")}))
     ckpt.close()
     return code
 
