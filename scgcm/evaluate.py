@@ -1,4 +1,12 @@
-"""FID of a model's samples, per sampling mode, for training and `scgcm.sample --fid`; `fid.png`.
+"""FID of a model's samples, per sampling mode, for training and `scgcm.sample --fid`; `fid.png`;
+and the checkpoint sweep:
+
+    python -m scgcm.evaluate RUN [--modes onestep twostep] [--num N]
+
+computes FID, precision and recall of every saved checkpoint of RUN (checkpoints/latest/<step>) that
+metrics.jsonl holds no FID of yet, appends them there and redraws fid.png. It only reads the
+checkpoints, so it can run beside training on another device (e.g. `CUDA_VISIBLE_DEVICES=1`); keep
+it running, or raise --config.keep-checkpoints, since training keeps only the last few.
 
 The distance is `scgcm.fid`'s (`fid_from_images`), the images `scgcm.generate`'s, so the numbers of
 training, of `python -m scgcm.sample --fid` and of `python -m scgcm.fid calc` agree for the same images.
@@ -11,11 +19,14 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+import tyro
 from jax.sharding import Mesh
 from PIL import Image, ImageDraw, ImageFont
 
@@ -197,7 +208,7 @@ def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, in
     return plot_lines(series, out_png, xlabel="step", ylabel=ylabel, size=size, integer_x=True)
 
 
-def plot_lines(series: Mapping[str, list[tuple[float, float]]], out_png: str | Path, *, xlabel: str, ylabel: str,
+def plot_lines(series: Mapping[str, list[tuple[int | float, int | float]]], out_png: str | Path, *, xlabel: str, ylabel: str,
                size: tuple[int, int] = (720, 440), integer_x: bool = False) -> bool:
     """y against x, one line per name (y log-scaled when it spans a decade), to a PNG; PIL only.
     Returns False (and writes nothing) without finite points."""
@@ -252,3 +263,95 @@ def plot_lines(series: Mapping[str, list[tuple[float, float]]], out_png: str | P
     image.save(partial)
     partial.replace(out_png)
     return True
+
+
+# ----------------------------------------------------------------------------------- sweep CLI
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    workdir: tyro.conf.Positional[str]
+    """Run directory written by scgcm.train."""
+    modes: tuple[str, ...] | None = None
+    """Sampling modes (default: the run's --config.fid.modes)."""
+    num: int | None = None
+    """Samples per mode and checkpoint (default: the run's --config.fid.num)."""
+    batch_size: int | None = None
+    """Sampling and Inception batch (default: the run's --config.fid.batch-size)."""
+    seed: int | None = None
+    """Seed of the latents, the same for every checkpoint (default: the run's --config.fid.seed)."""
+    fid_ref: str | None = None
+    """Reference statistics .npz (default: the run's --config.fid.ref, else its data, cached)."""
+    compile_cache: str = "auto"
+    """XLA's persistent compilation cache: 'auto', a folder, or 'off'."""
+
+
+def saved_steps(checkpoints: Path) -> list[int]:
+    """Steps of the complete checkpoints in checkpoints/latest (orbax's temporary folders are not digits)."""
+    folder = checkpoints / "latest"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def pending_steps(workdir: Path, modes: tuple[str, ...]) -> list[int]:
+    """Saved checkpoints whose FID of some mode is not yet in metrics.jsonl."""
+    done = evaluated_steps(workdir / "metrics.jsonl", modes)
+    return [s for s in saved_steps(workdir / "checkpoints") if s not in done]
+
+
+def sweep(workdir: Path, args: SweepArgs, extractor: fid.FeatureExtractor | None = None) -> list[int]:
+    """Evaluate every pending checkpoint (oldest first), appending to metrics.jsonl; returns their steps."""
+    from scgcm.checkpoint import Checkpointer
+    from scgcm.errors import UserError
+    from scgcm.generate import MODES
+    from scgcm.sample import load_run_config, run_reference, run_sampler, state_skeleton
+
+    cfg = load_run_config(workdir)
+    modes = args.modes or cfg.fid.modes
+    num, batch_size = args.num or cfg.fid.num, args.batch_size or cfg.fid.batch_size
+    seed = cfg.fid.seed if args.seed is None else args.seed
+    if unknown := [m for m in modes if m not in MODES or m == "multistep"]:
+        raise UserError(f"--modes {' '.join(unknown)}: choose from onestep, twostep, heun")
+    if num < 2:
+        raise UserError(f"--num must be at least 2 (got {num})")
+    pending = pending_steps(workdir, modes)
+    if not pending:
+        print(f"{workdir}: every saved checkpoint has a FID of {', '.join(modes)}")
+        return []
+    extractor = extractor or fid.FeatureExtractor(inception.load_inception(), batch_size=batch_size, progress=True)
+    ref_stats, ref_features, ref_name = run_reference(cfg, extractor, args.fid_ref or cfg.fid.ref)
+    evaluator = FIDEvaluator(ref_stats, extractor, {m: run_sampler(cfg, m) for m in modes}, num=num,
+                             batch_size=batch_size, seed=seed, progress=True, ref_features=ref_features)
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
+    skeleton = state_skeleton(cfg)
+    label = fid.fid_label(num)
+    try:
+        for step in pending:
+            state, _ = ckpt.restore(skeleton, step=step)
+            results = evaluator.evaluate(state.ema)
+            with (workdir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **flat_scores(results), NUM_KEY: num}) + "\n")
+            plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
+            print(f"step {step}: {label} {describe_scores(results)} (against {ref_name})", flush=True)
+    finally:
+        ckpt.close()
+    return pending
+
+
+def main(argv: list[str] | None = None, extractor: fid.FeatureExtractor | None = None) -> int:
+    args = tyro.cli(SweepArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__.split("\n\n")[0])
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").is_file():
+        from scgcm.errors import UserError
+
+        raise UserError(f"{workdir}: not a run directory (no config.json)")
+    from scgcm.rundir import use_compile_cache
+
+    use_compile_cache(args.compile_cache)
+    sweep(workdir, args, extractor)
+    return 0
+
+
+if __name__ == "__main__":
+    from scgcm.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -3,13 +3,23 @@
 Loads a checkpoint of a run (the latest, the best by FID of a mode, or a given step), takes its EMA
 weights (or the raw ones with --no-ema), and writes uint8 images [N, h, w, c] to an .npz, a PNG grid
 and optionally a folder of PNGs. Image i depends only on (seed, i). With --fid it also prints their
-FID (the computation of `scgcm.fid` and of training), against --fid-ref, --fid-source or the run's data.
+FID (the computation of `scgcm.fid` and of training) and improved precision/recall (k = 3), against
+--fid-ref, --fid-source or the run's data.
+
+The protocol of the papers: `--fid --repeats 3 --num 50000` evaluates the disjoint image ranges
+0–49,999, 50,000–99,999 and 100,000–149,999 (or --seed-starts), prints each FID, their minimum
+(what EDM reports) and mean ± std, and writes them to <out>.fid.json. `--search-two-step-sigma`
+searches the intermediate σ of two-step sampling for the lowest FID (golden-section search in log σ
+over --search-range, --search-probes FIDs of --num images each), and writes each probe to
+DIR/samples/two_step_sigma_<step>.json and a plot of FID against σ beside it.
+`--checkpoint phema_0.080` samples an EMA reconstructed by `python -m scgcm.phema`.
 """
 
 import dataclasses
 import json
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +31,10 @@ from PIL import Image
 
 from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
-from scgcm.config import TrainConfig, build_model
-from scgcm.evaluate import data_statistics, rgb
+from scgcm.config import TrainConfig, build_model, num_phema
+from scgcm.errors import UserError, run_cli
+from scgcm.evaluate import FIDEvaluator, Scores, data_reference, describe_scores, feature_scores, plot_lines, rgb
+from scgcm.protocol import golden_section_search, seed_ranges, summarize
 from scgcm.generate import Mode, generate, make_sampler
 from scgcm.rundir import save_grid, use_compile_cache
 from scgcm.state import TrainState, init_state, make_optimizer
@@ -33,7 +45,8 @@ class SampleArgs:
     workdir: str
     """Run directory written by scgcm.train."""
     checkpoint: str = "latest"
-    """'latest', 'best' (lowest FID of --mode; 'best_onestep' etc. names a mode) or a step number."""
+    """'latest', 'best' (lowest FID of --mode; 'best_onestep' etc. names a mode), a step number, or
+    'phema_<σ_rel>' (an EMA reconstructed by `python -m scgcm.phema`)."""
     ema: bool = True
     """Use the EMA weights (--no-ema for the raw ones)."""
     mode: Mode = "onestep"
@@ -60,6 +73,16 @@ class SampleArgs:
     """Also print the FID of the images (standard Inception features; comparable numbers need --num 50000)."""
     fid_ref: str | None = None
     """Reference statistics .npz for --fid (from `python -m scgcm.fid ref --out`)."""
+    repeats: int = 1
+    """With --fid: evaluate this many disjoint ranges of --num images (EDM reports the minimum of 3)."""
+    seed_starts: tuple[int, ...] = ()
+    """First image index of each repeat (default 0, num, 2·num, …); image i comes from fold_in(key(seed), i)."""
+    search_two_step_sigma: bool = False
+    """Search the two-step intermediate σ with the lowest FID of --num images (implies --fid and twostep)."""
+    search_range: tuple[float, float] = (0.1, 5.0)
+    """Interval of σ for --search-two-step-sigma."""
+    search_probes: int = 10
+    """FID evaluations of --search-two-step-sigma (the bracket shrinks by 0.618 per probe)."""
     fid_source: str | None = None
     """Without --fid-ref: dataset whose train split gives the reference (default: the run's training data); cached."""
     compile_cache: str = "auto"
@@ -89,58 +112,139 @@ def load_run_config(workdir: Path) -> TrainConfig:
     return _from_dict(TrainConfig, json.loads(path.read_text())["config"])
 
 
-def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+def state_skeleton(cfg: TrainConfig) -> TrainState:
+    """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema)."""
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-    skeleton = eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k), jr.key(0))
+    return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
+
+
+def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+    skeleton = state_skeleton(cfg)
     ckpt = Checkpointer(workdir / "checkpoints")
     if checkpoint.isdigit():
         restored = ckpt.restore(skeleton, step=int(checkpoint))
+    elif checkpoint.startswith("phema_"):
+        restored = ckpt.restore(skeleton, which=checkpoint)
     elif checkpoint.startswith("best"):
         which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
         restored = ckpt.restore(skeleton, which=which)
     elif checkpoint == "latest":
         restored = ckpt.restore(skeleton)
     else:
-        raise SystemExit(f"error: --checkpoint must be 'latest', 'best', 'best_<mode>' or a step, not {checkpoint!r}")
+        raise SystemExit(f"error: --checkpoint must be 'latest', 'best', 'best_<mode>', 'phema_<σ_rel>' or a step, not {checkpoint!r}")
     ckpt.close()
     if restored is None:
         raise SystemExit(f"error: no {checkpoint} checkpoint in {workdir / 'checkpoints'}")
     return restored
 
 
-def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.FeatureExtractor) -> tuple[fid.Stats, str]:
-    """Reference statistics for --fid and their description: --fid-ref, else --fid-source, else the run's data."""
-    if args.fid_ref:
-        if not Path(args.fid_ref).is_file():
-            raise SystemExit(f"error: --fid-ref {args.fid_ref}: no such file")
-        return fid.load_statistics(args.fid_ref), args.fid_ref
-    if args.fid_source:
-        return fid.reference_statistics(args.fid_source, extractor), f"{args.fid_source} (train)"
+def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.FeatureExtractor) -> tuple[fid.Stats, np.ndarray | None, str]:
+    """Reference statistics for --fid, real features for precision/recall (None if --fid-ref holds none)
+    and their description: --fid-ref, else --fid-source, else the run's data."""
+    return run_reference(cfg, extractor, args.fid_ref, args.fid_source)
+
+
+def run_reference(cfg: TrainConfig, extractor: fid.FeatureExtractor, fid_ref: str | None = None,
+                  fid_source: str | None = None) -> tuple[fid.Stats, np.ndarray | None, str]:
+    if fid_ref:
+        if not Path(fid_ref).is_file():
+            raise SystemExit(f"error: --fid-ref {fid_ref}: no such file")
+        return fid.load_statistics(fid_ref), fid.load_features(fid_ref), fid_ref
+    if fid_source:
+        stats, features = fid.reference(fid_source, extractor, need_features=True)
+        return stats, features, f"{fid_source} (train)"
     d, m = cfg.data, cfg.model
-    stats = data_statistics(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
-                            synthetic_size=d.synthetic_size, seed=cfg.seed)
-    return stats, f"the run's data {d.source or 'cifar10'} ({d.split})"
+    stats, features = data_reference(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+                                     synthetic_size=d.synthetic_size, seed=cfg.seed, need_features=True)
+    return stats, features, f"the run's data {d.source or 'cifar10'} ({d.split})"
+
+
+def run_sampler(cfg: TrainConfig, mode: str, *, two_step_sigma: float | None = None,
+                sigmas: tuple[float, ...] = (80.0, 0.661), heun_steps: int | None = None):
+    m = cfg.model
+    return make_sampler(
+        mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+        two_step_sigma=two_step_sigma or cfg.sample.two_step_sigma, sigmas=sigmas,
+        heun_steps=heun_steps or cfg.sample.heun_steps,
+    )
+
+
+def evaluate_checkpoint(workdir: Path, checkpoint: str, *, modes: tuple[str, ...], num: int, batch_size: int,
+                        seed: int = 42, fid_ref: str | None = None, extractor: fid.FeatureExtractor | None = None,
+                        ) -> dict[str, Scores]:
+    """{mode: Scores} of a checkpoint's EMA weights: `num` images per mode from seed `seed`."""
+    cfg = load_run_config(workdir)
+    extractor = extractor or fid.FeatureExtractor(inception.load_inception(), batch_size=batch_size, progress=True)
+    ref_stats, ref_features, _ = run_reference(cfg, extractor, fid_ref)
+    state, _ = load_state(workdir, cfg, checkpoint)
+    evaluator = FIDEvaluator(ref_stats, extractor, {m: run_sampler(cfg, m) for m in modes}, num=num,
+                             batch_size=batch_size, seed=seed, progress=True, ref_features=ref_features)
+    return evaluator.evaluate(state.ema)
+
+
+def check_args(args: SampleArgs) -> None:
+    """Every problem with the flags, as a UserError naming the flag, before anything loads."""
+    if (args.fid or args.search_two_step_sigma) and args.num < 2:
+        raise SystemExit(f"error: --fid needs --num of at least 2 (got {args.num})")
+    if args.repeats != 1 and not args.fid:
+        raise UserError("--repeats needs --fid")
+    seed_ranges(args.num, args.repeats, args.seed_starts)
+    if args.search_two_step_sigma:
+        lo, hi = args.search_range
+        if not 0 < lo < hi:
+            raise UserError(f"--search-range must be 0 < LO < HI (got {lo} {hi})")
+        if args.search_probes < 2:
+            raise UserError(f"--search-probes must be at least 2 (got {args.search_probes})")
+        if args.repeats != 1:
+            raise UserError("--search-two-step-sigma takes one range of --num images; drop --repeats")
+
+
+def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, workdir: Path,
+                          scorer: Callable[[np.ndarray], Scores]) -> int:
+    """The σ search: each probe samples --num two-step images and scores them; prints, JSON, plot."""
+    label = fid.fid_label(args.num)
+    probes = []
+
+    def objective(sigma: float) -> float:
+        images = generate(model, run_sampler(cfg, "twostep", two_step_sigma=sigma), seed=args.seed, num=args.num,
+                          batch_size=args.batch_size, progress=True)
+        result = scorer(images)
+        probes.append({"sigma": sigma, **result})
+        print(f"σ {sigma:.4f}: {label} {describe_scores({'twostep': result})}", flush=True)
+        return result["fid"]
+
+    best, value, _ = golden_section_search(objective, *args.search_range, probes=args.search_probes)
+    out = workdir / "samples" / f"two_step_sigma_{step:07d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"step": step, "num": args.num, "seed": args.seed, "range": list(args.search_range),
+                               "probes": probes, "best_sigma": best, "best_fid": value}, indent=2) + "\n")
+    plot_lines({"twostep": [(p["sigma"], p["fid"]) for p in probes]}, out.with_suffix(".png"),
+               xlabel="two-step intermediate σ", ylabel=f"{label}, step {step}")
+    print(f"best two-step σ {best:.4f}: {label} {value:.4f} ({len(probes)} probes) -> {out}, {out.with_suffix('.png')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(SampleArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
-    if args.fid and args.num < 2:
-        raise SystemExit(f"error: --fid needs --num of at least 2 (got {args.num})")
+    check_args(args)
     use_compile_cache(args.compile_cache)
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
-    if args.fid:  # the reference first, so that a missing file or dataset stops us before sampling
+    want_fid = args.fid or args.search_two_step_sigma
+    if want_fid:  # the reference first, so that a missing file or dataset stops us before sampling
         extractor = fid.FeatureExtractor(inception.load_inception(), batch_size=args.batch_size, progress=True)
-        ref_stats, ref_name = reference(args, cfg, extractor)
+        ref_stats, ref_features, ref_name = reference(args, cfg, extractor)
+        scorer = lambda images: feature_scores(extractor.features(rgb(images)), ref_stats, ref_features)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)
     model = state.ema if args.ema else state.model
-    m = cfg.model
-    sampler = make_sampler(
-        args.mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-        two_step_sigma=args.two_step_sigma or cfg.sample.two_step_sigma, sigmas=args.sigmas,
-        heun_steps=args.heun_steps or cfg.sample.heun_steps,
-    )
-    images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
+    if args.search_two_step_sigma:
+        return search_two_step_sigma(args, cfg, model, step, workdir, scorer)
+    sampler = run_sampler(cfg, args.mode, two_step_sigma=args.two_step_sigma, sigmas=args.sigmas,
+                          heun_steps=args.heun_steps)
+    ranges = seed_ranges(args.num, args.repeats, args.seed_starts)
+    per_range = [generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True,
+                          start=first) for first, _ in ranges]
+    images = np.concatenate(per_range)
 
     out = Path(args.out) if args.out else workdir / "samples" / f"{args.mode}_{step:07d}_seed{args.seed}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +258,24 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
     if args.fid:
-        print(f"FID {fid.fid_from_images(rgb(images), ref_stats, extractor):.4f} "
-              f"({len(images)} images, {args.mode}, step {step}, against {ref_name})")
+        label = fid.fid_label(args.num)
+        results = []
+        for (first, last), imgs in zip(ranges, per_range):
+            result = scorer(imgs)
+            results.append({"first": first, "last": last, **result})
+            pr = f", precision {result['precision']:.4f}, recall {result['recall']:.4f}" if "precision" in result else ""
+            print(f"{label}: {result['fid']:.4f} (images {first}–{last}, {args.mode}, step {step}, against {ref_name}){pr}")
+        summary = {name: summarize([r[name] for r in results]) for name in ("fid", "precision", "recall")
+                   if all(name in r for r in results)}
+        if args.repeats > 1:
+            s = summary["fid"]
+            print(f"{label} over {args.repeats} ranges: min {s['min']:.4f}, mean {s['mean']:.4f} ± {s['std']:.4f}")
+        record = {"checkpoint": args.checkpoint, "step": step, "mode": args.mode, "ema": args.ema, "seed": args.seed,
+                  "num": args.num, "label": label, "reference": ref_name, "repeats": results, **summary}
+        (out.with_suffix(".fid.json")).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out.with_suffix('.fid.json')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

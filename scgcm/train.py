@@ -28,6 +28,7 @@ from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_s
 from scgcm.evaluate import NUM_KEY, FIDEvaluator, data_reference, describe_scores, flat_scores, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
+from scgcm.phema import sigma_rel_to_gamma
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
 from scgcm.rundir import MetricsLog, save_grid, setup_logging, use_compile_cache, write_config
 from scgcm.state import make_optimizer
@@ -130,6 +131,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     train_fn = make_train_fn(
         mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
+        phema_gammas=tuple(sigma_rel_to_gamma(s) for s in cfg.phema_sigma_rels) if cfg.phema else (),
         compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
     )
     samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
@@ -180,6 +182,8 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
         ckpt.save(at, state)
+        if state.phema is not None:  # snapshots for post-hoc EMA, all kept
+            ckpt.save_named("phema", at, state.phema)
         log.info("checkpoint saved at step %d", at)
         comparable = not final or final_evaluator.num == evaluator.num  # FID depends on the sample count
         for mode, value in scores.items():
