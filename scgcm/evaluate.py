@@ -211,6 +211,7 @@ def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, in
 def plot_lines(series: Mapping[str, list[tuple[int | float, int | float]]], out_png: str | Path, *, xlabel: str, ylabel: str,
                size: tuple[int, int] = (720, 440), integer_x: bool = False) -> bool:
     """y against x, one line per name (y log-scaled when it spans a decade), to a PNG; PIL only.
+    The legend gives each line's last y (`integer_x`, steps) or its lowest y and where (a search).
     Returns False (and writes nothing) without finite points."""
     series = {k: [(float(x), float(y)) for x, y in v if math.isfinite(y)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
@@ -255,8 +256,12 @@ def plot_lines(series: Mapping[str, list[tuple[int | float, int | float]]], out_
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        last = sorted(points)[-1][1]
-        draw.text((width - right - 8, top + 10 + 14 * i), f"{mode}: {last:.2f}", fill=colour, font=font, anchor="rm")
+        if integer_x:
+            legend = f"{mode}: {sorted(points)[-1][1]:.2f}"
+        else:
+            x_best, y_best = min(points, key=lambda p: p[1])
+            legend = f"{mode}: min {y_best:.2f} at {_label(x_best)}"
+        draw.text((width - right - 8, top + 10 + 14 * i), legend, fill=colour, font=font, anchor="rm")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     partial = out_png.with_name(out_png.name + ".partial.png")

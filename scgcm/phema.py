@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from scgcm.errors import UserError
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
+ArrayOrScalar = Float[np.ndarray, "..."] | float | int
 
 
 # ------------------------------------------------------------------------------------------ math
@@ -64,15 +65,15 @@ def power_ema_update(ema: PyTree, params: PyTree, step: Int[Array, ""], gamma: f
     return jax.tree_util.tree_map(lambda e, p: (beta * e + (1 - beta) * p).astype(e.dtype), ema, params)
 
 
-def power_ema_weights(t: int, gamma: float) -> Float[np.ndarray, " t"]:
+def power_ema_weights(t: int, gamma: float | int) -> Float[np.ndarray, " t"]:
     """Weights of θ_1 … θ_t in the power EMA after update t: (τ^(γ+1) − (τ−1)^(γ+1)) / t^(γ+1)
     (the product of the β's above; they sum to 1)."""
     tau = np.arange(1, t + 1, dtype=np.float64)
     return (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / np.float64(t) ** (gamma + 1)
 
 
-def profile_inner_product(t_a: Float[np.ndarray, "..."], gamma_a: Float[np.ndarray, "..."],
-                          t_b: Float[np.ndarray, "..."], gamma_b: Float[np.ndarray, "..."]) -> Float[np.ndarray, "..."]:
+def profile_inner_product(t_a: ArrayOrScalar, gamma_a: ArrayOrScalar, t_b: ArrayOrScalar,
+                          gamma_b: ArrayOrScalar) -> Float[np.ndarray, "..."] | np.float64:
     """∫ p_a p_b dτ of the continuous power profiles p(τ) = (γ+1) τ^γ / t^(γ+1) on [0, t]:
     (γa+1)(γb+1) / ((γa+γb+1) t_max) · (t_min/t_max)^γ, γ that of the longer profile (paper eq. 151)."""
     t_a, gamma_a, t_b, gamma_b = (np.asarray(x, np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
@@ -82,7 +83,7 @@ def profile_inner_product(t_a: Float[np.ndarray, "..."], gamma_a: Float[np.ndarr
 
 
 def solve_coefficients(snapshot_t: Float[np.ndarray, " n"], snapshot_gamma: Float[np.ndarray, " n"],
-                       target_t: float, target_gamma: float) -> Float[np.ndarray, " n"]:
+                       target_t: float | int, target_gamma: float) -> Float[np.ndarray, " n"]:
     """x minimising ‖p_target − Σᵢ xᵢ pᵢ‖² over the snapshot profiles (normal equations A x = b with
     A_ij = ⟨pᵢ, pⱼ⟩, b_i = ⟨pᵢ, p_target⟩), rescaled to sum to 1 as in the reference (Algorithm 3)."""
     t, g = np.asarray(snapshot_t, np.float64), np.asarray(snapshot_gamma, np.float64)
@@ -92,7 +93,7 @@ def solve_coefficients(snapshot_t: Float[np.ndarray, " n"], snapshot_gamma: Floa
     return x / x.sum()
 
 
-def accumulate(total: PyTree | None, trees: Sequence[PyTree], coefficients: Sequence[float]) -> PyTree:
+def accumulate(total: PyTree | None, trees: Sequence[PyTree], coefficients: Float[np.ndarray, " n"] | Sequence[float]) -> PyTree:
     """total + Σᵢ cᵢ treeᵢ over the inexact arrays, as float64 host arrays (None: start from zero)."""
     arrays = [jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), eqx.filter(t, eqx.is_inexact_array))
               for t in trees]
@@ -106,7 +107,7 @@ def finish(total: PyTree, like: PyTree) -> PyTree:
     return eqx.combine(jax.tree_util.tree_map(lambda s, x: jnp.asarray(s, x.dtype), total, arrays), like)
 
 
-def combine(trees: Sequence[PyTree], coefficients: Sequence[float]) -> PyTree:
+def combine(trees: Sequence[PyTree], coefficients: Float[np.ndarray, " n"] | Sequence[float]) -> PyTree:
     """Σᵢ cᵢ treeᵢ of the inexact arrays (summed in float64); other leaves from trees[0]."""
     return finish(accumulate(None, trees, coefficients), trees[0])
 

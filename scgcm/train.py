@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
         ckpt.save(at, state)
-        if state.phema is not None:  # snapshots for post-hoc EMA, all kept
+        if state.phema is not None and at not in ckpt.steps("phema"):  # snapshots for post-hoc EMA, all kept
             ckpt.save_named("phema", at, state.phema)
         log.info("checkpoint saved at step %d", at)
         comparable = not final or final_evaluator.num == evaluator.num  # FID depends on the sample count
