@@ -151,7 +151,7 @@ def read_fids(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def read_evaluations(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
     """{mode: [(step, {"fid": …, "precision": …, "recall": …, "num": …}), …]} of the evaluations in
-    metrics.jsonl (records with a finite `fid_<mode>`; `num` from `fid_num_samples` when logged)."""
+    metrics.jsonl (records with a finite `fid_<mode>`; `num` from `num_fid_samples` when logged)."""
     series: dict[str, list[tuple[int, dict[str, float]]]] = {}
     path = Path(metrics_jsonl)
     if not path.exists():
@@ -171,7 +171,7 @@ def read_evaluations(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, dic
     return series
 
 
-NUM_KEY = "fid_num_samples"
+NUM_KEY = "num_fid_samples"
 """metrics.jsonl key of the number of samples behind the FIDs of a record (not a mode)."""
 
 

@@ -80,7 +80,7 @@ def test_sweep_evaluates_exactly_the_checkpoints_without_fid_and_is_idempotent(r
     assert evaluate.main([str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"], extractor=extractor) == 0
     added = [json.loads(line) for line in metrics.read_text()[len(before):].splitlines()]
     assert [r["step"] for r in added] == [8]
-    assert set(added[0]) == {"step", "fid_onestep", "precision_onestep", "recall_onestep", "fid_num_samples"}
+    assert set(added[0]) == {"step", "fid_onestep", "precision_onestep", "recall_onestep", "num_fid_samples"}
     assert (run / "fid.png").is_file() and "step 8: FID (6 samples) onestep" in capsys.readouterr().out
     after = metrics.read_text()
     assert evaluate.main([str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"], extractor=extractor) == 0
