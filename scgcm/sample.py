@@ -64,7 +64,8 @@ class SampleArgs:
     seed: int = 0
     """Seed: image i comes from fold_in(key(seed), i)."""
     out: str | None = None
-    """.npz of uint8 images [N, h, w, c] (default: DIR/samples/<mode>_<step>_seed<seed>.npz)."""
+    """.npz of uint8 images [N, h, w, c] (default: DIR/samples/<mode>_<step>_seed<seed>.npz); with
+    --repeats R it holds the R ranges one after the other, and --fid writes <out>.fid.json beside it."""
     png_dir: str | None = None
     """Also write each image as a PNG into this folder."""
     grid: str | None = None
