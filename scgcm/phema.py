@@ -171,7 +171,7 @@ def reconstruct(workdir: Path, sigma_rels: Sequence[float], step: int | None = N
     if restored is None:
         ckpt.close()
         raise UserError(f"{workdir / 'checkpoints' / 'latest'}: no readable checkpoint")
-    state, _ = restored
+    state = jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, restored[0])
     out = {}
     coefficients = {s: solve_coefficients(snap_t, snap_gamma, target, sigma_rel_to_gamma(s)) for s in sigma_rels}
     total = {s: None for s in sigma_rels}

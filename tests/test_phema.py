@@ -150,7 +150,8 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     workdir = tmp_path / "run"
     shutil.copytree(smoke_run, workdir)  # other tests read the session's run
     cfg = sample.load_run_config(workdir)
-    states = {t: sample.load_state(workdir, cfg, str(t))[0] for t in (4, 8)}
+    as_jax = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, tree)
+    states = {t: as_jax(sample.load_state(workdir, cfg, str(t))[0]) for t in (4, 8)}  # restored leaves are numpy
     config = json.loads((workdir / "config.json").read_text())
     config["config"].update(phema=True, phema_sigma_rels=[0.05, 0.10])
     (workdir / "config.json").write_text(json.dumps(config))
