@@ -62,8 +62,10 @@ def generate(
     batch_size: int,
     mesh: Mesh | None = None,
     progress: bool = False,
+    start: int = 0,
 ) -> np.ndarray:
-    """`num` uint8 images [num, h, w, c] from the model in inference mode, `batch_size` at a time."""
+    """`num` uint8 images [num, h, w, c] from the model in inference mode, `batch_size` at a time:
+    images start … start + num − 1 of the seed (image i from `fold_in(key(seed), i)`)."""
     model = eqx.nn.inference_mode(model)
     mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
     ndev = mesh.devices.size
@@ -71,10 +73,10 @@ def generate(
     base = jr.key(seed)
     sharding = NamedSharding(mesh, P("data"))
     out = []
-    for start in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
-        idx = np.arange(start, start + batch_size)
+    for first in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
+        idx = np.arange(start + first, start + first + batch_size)
         keys = jax.device_put(jax.vmap(lambda i: jr.fold_in(base, i))(idx), sharding)
         images = _sample_batch(model, keys, sampler)
         images = multihost_utils.process_allgather(images, tiled=True) if jax.process_count() > 1 else np.asarray(images)
-        out.append(images[: num - start])
+        out.append(images[: num - first])
     return np.concatenate(out) if out else np.zeros((0,), np.uint8)
