@@ -274,8 +274,11 @@ class Checkpointer:
             if record is not None:
                 verify_files(step_dir, record)  # before orbax: it must not read a damaged file
             target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton))
-            saved = manager.item_metadata(step)
-            saved = getattr(saved, "tree", saved) or {}
+            if record is not None:  # the saved keys are in the record; reading orbax's metadata costs seconds
+                saved = record["arrays"]
+            else:
+                saved = manager.item_metadata(step)
+                saved = getattr(saved, "tree", saved) or {}
             target.update({k: np.zeros((), np.int64) for k in saved if k.startswith(COUNTER)})
             flat = manager.restore(step, args=ocp.args.StandardRestore(target))
             if record is not None:

@@ -112,6 +112,12 @@ def _extract(net: eqx.Module, images: UInt8[Array, "b h w 3"]) -> Float[Array, "
     return net(inception.preprocess(images))  # the 299×299 resize happens here, one batch at a time
 
 
+@functools.cache
+def _jitted_extract(sharding: NamedSharding):
+    """One jitted `_extract` per output sharding, shared by every extractor (compiled once per network and batch shape)."""
+    return jax.jit(_extract, out_shardings=sharding)
+
+
 class FeatureExtractor:
     """uint8 NHWC images (any size) → [N, 2048] features, in batches sharded over `devices`.
 
@@ -132,7 +138,7 @@ class FeatureExtractor:
         self.net = jax.device_put(net, NamedSharding(self.mesh, PartitionSpec()))
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         self.progress = progress
-        self._fn = jax.jit(_extract, out_shardings=self.batch_sharding)
+        self._fn = _jitted_extract(self.batch_sharding)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)

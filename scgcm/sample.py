@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import tyro
@@ -118,8 +120,10 @@ def load_run_config(workdir: Path) -> TrainConfig:
         raise UserError(f"--workdir {workdir}: {path.name} is unreadable ({type(e).__name__}: {str(e)[:100]})") from None
 
 
+@functools.cache
 def state_skeleton(cfg: TrainConfig) -> TrainState:
-    """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema)."""
+    """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema);
+    cached: it takes a second to trace and never changes."""
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
     return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
 
@@ -171,12 +175,13 @@ def run_reference(cfg: TrainConfig, extractor: fid.Extractor, fid_ref: str | Non
     return stats, features, f"the run's data {d.source or 'cifar10'} ({d.split})"
 
 
-def run_sampler(cfg: TrainConfig, mode: str, *, two_step_sigma: float | None = None,
+def run_sampler(cfg: TrainConfig, mode: str, *, two_step_sigma: float | jax.Array | None = None,
                 sigmas: tuple[float, ...] = (80.0, 0.661), heun_steps: int | None = None):
+    """The run's sampler of `mode` (its model shape, σ range, two-step σ and Heun steps unless given)."""
     m = cfg.model
     return make_sampler(
         mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-        two_step_sigma=two_step_sigma or cfg.sample.two_step_sigma, sigmas=sigmas,
+        two_step_sigma=cfg.sample.two_step_sigma if two_step_sigma is None else two_step_sigma, sigmas=sigmas,
         heun_steps=heun_steps or cfg.sample.heun_steps,
     )
 
@@ -204,8 +209,8 @@ def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, 
     probes = []
 
     def objective(sigma: float) -> float:
-        images = generate(model, run_sampler(cfg, "twostep", two_step_sigma=sigma), seed=args.seed, num=args.num,
-                          batch_size=args.batch_size, progress=True)
+        sampler = run_sampler(cfg, "twostep", two_step_sigma=jnp.asarray(sigma, jnp.float32))  # traced: one compile
+        images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
         result = scorer(images)
         probes.append({"sigma": sigma, **result})
         print(f"σ {sigma:.4f}: {label} {describe_scores({'twostep': result})}", flush=True)
