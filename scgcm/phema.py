@@ -139,7 +139,7 @@ class PhemaArgs:
     seed: int = 42
     """Seed of the --fid latents (the same for every σ_rel)."""
     fid_ref: str | None = None
-    """Reference statistics .npz for --fid (default: the run's data, cached)."""
+    """Reference statistics .npz for --fid (default: the run's --config.fid.ref, else its data, cached)."""
     compile_cache: str = "auto"
     """XLA's persistent compilation cache: 'auto', a folder, or 'off'."""
 
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         check_sample_count(args.num, "--num", warn=False)  # FIDEvaluator warns below MIN_SAMPLES
         extractor = functools.cache(lambda: sample.fid_extractor(args.batch_size))
         evaluator, ref_name = sample.run_evaluator(cfg, extractor, modes=args.modes, num=args.num,
-                                                   batch_size=args.batch_size, seed=args.seed, fid_ref=args.fid_ref)
+                                                   batch_size=args.batch_size, seed=args.seed,
+                                                   fid_ref=args.fid_ref or cfg.fid.ref)
     written, target = reconstruct(workdir, args.sigma_rel, args.step)
     if not args.fid:
         return 0

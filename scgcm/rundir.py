@@ -152,9 +152,11 @@ class RunLock:
             self._fd = None
 
 
-# Fields whose change alters the run's arithmetic: resuming with any of them changed is refused unless
-# --config.allow-config-change. Other fields (logging, saving, FID, sampling, workdir) may change freely.
-MATH_FIELDS = ("variant", "seed", "total_steps", "batch_size", "compute_dtype", "model.", "ict.", "loss.", "optim.", "data.")
+# Fields whose change alters the run's arithmetic (or, for phema, the layout of the state its checkpoints
+# hold): resuming with any of them changed is refused unless --config.allow-config-change. Other fields
+# (logging, saving, FID, sampling, workdir) may change freely.
+MATH_FIELDS = ("variant", "seed", "total_steps", "batch_size", "compute_dtype", "model.", "ict.", "loss.", "optim.", "data.",
+               "phema", "phema_sigma_rels")
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
