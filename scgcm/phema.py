@@ -127,7 +127,7 @@ class PhemaArgs:
     sigma_rel: tuple[float, ...] = (0.05, 0.075, 0.10, 0.15)
     """Relative EMA lengths to reconstruct (EDM2's best for CIFAR-scale models lie around 0.05–0.15)."""
     step: int | None = None
-    """Reconstruct the EMA at this update (snapshots up to it are used); default: the newest snapshot."""
+    """Reconstruct the EMA at this snapshot's update (the snapshots up to it are used); default: the newest."""
     fid: bool = False
     """Also compute the FID of each σ_rel (and plot FID against σ_rel in RUN/phema_fid.png)."""
     modes: tuple[str, ...] = ("onestep",)
@@ -158,11 +158,13 @@ def reconstruct(workdir: Path, sigma_rels: Sequence[float], step: int | None = N
         except ValueError as e:
             raise UserError(f"--sigma-rel {s}: {e}") from None
     ckpt = Checkpointer(workdir / "checkpoints")
-    steps = [s for s in ckpt.steps("phema") if step is None or s <= step]
-    if not steps:
+    available = ckpt.steps("phema")
+    if not available or (step is not None and step not in available):  # between snapshots the fit would extrapolate
         ckpt.close()
-        raise UserError(f"{workdir / 'checkpoints' / 'phema'}: no snapshot" + (f" at or before --step {step}" if step else ""))
-    target = steps[-1] if step is None else step
+        raise UserError(f"{workdir / 'checkpoints' / 'phema'}: no snapshot" + (f" at --step {step}" if step is not None else "")
+                        + f" (snapshots: {', '.join(map(str, available)) or 'none'})")
+    steps = [s for s in available if step is None or s <= step]
+    target = steps[-1]
     skeleton = state_skeleton(cfg)
     stored = cfg.phema_sigma_rels
     snap_t = np.repeat(np.asarray(steps, np.float64), len(stored))

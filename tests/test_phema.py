@@ -195,3 +195,5 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     assert json.loads(out.with_suffix(".fid.json").read_text())["checkpoint"] == "phema_0.080"
     with pytest.raises(UserError, match="--sigma-rel 0.5"):
         phema.main([str(workdir), "--sigma-rel", "0.5"])
+    with pytest.raises(UserError, match=r"no snapshot at --step 6 \(snapshots: 4, 8\)"):  # the fit would extrapolate
+        phema.main([str(workdir), "--sigma-rel", "0.08", "--step", "6"])
