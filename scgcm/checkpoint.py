@@ -169,24 +169,27 @@ class _NoSpaceFilter(logging.Filter):
         return not ((exc is not None and _is_no_space(exc)) or "no space left on device" in record.getMessage().lower())
 
 
-def _manager(directory: Path, max_to_keep: int | None, best: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: Path, max_to_keep: int | None, best: bool = False, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=False,
         best_fn=(lambda m: m["fid"]) if best else None,
         best_mode="min",
         keep_checkpoints_without_metrics=not best,
-        cleanup_tmp_directories=True,
-        create=True,
+        cleanup_tmp_directories=not read_only,  # a reader beside training must not remove a save in progress
+        create=not read_only,
+        read_only=read_only,
     )
     # the handler named up front, so that item_metadata can read a checkpoint this manager did not write
     return ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler(), options=options)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, best_modes: tuple[str, ...] = ()):
+    def __init__(self, directory: str | Path, keep: int = 3, best_modes: tuple[str, ...] = (), read_only: bool = False):
+        """`read_only`: only restore (e.g. `python -m scgcm.evaluate` beside a training process)."""
         self.directory = Path(directory)
-        self.latest = _manager(self.directory / "latest", keep)
+        self.read_only = read_only
+        self.latest = _manager(self.directory / "latest", keep, read_only=read_only)
         self.best = {mode: _manager(self.directory / f"best_{mode}", 1, best=True) for mode in best_modes}
         self.counters: dict[str, int] = {}
         """The run counters stored with the checkpoint last restored (e.g. skipped_total); {} if none."""
@@ -228,13 +231,28 @@ class Checkpointer:
         self._save(self.latest, step, state, counters)
 
     def _manager_for(self, which: str) -> ocp.CheckpointManager:
-        """'latest' or a sampling mode's best manager, created once (a spare manager's tmp-dir cleanup
-        would race with a save)."""
+        """'latest', 'phema' (the power-EMA snapshots, all kept), 'phema_<σ_rel>' (reconstructed EMAs)
+        or a sampling mode's best manager, created once (a spare manager's tmp-dir cleanup would race
+        with a save)."""
         if which == "latest":
             return self.latest
         if which not in self.best:
-            self.best[which] = _manager(self.directory / f"best_{which}", 1, best=True)
+            if which == "phema" or which.startswith("phema_"):
+                self.best[which] = _manager(self.directory / which, None, read_only=self.read_only)
+            else:
+                self.best[which] = _manager(self.directory / f"best_{which}", 1, best=True, read_only=self.read_only)
         return self.best[which]
+
+    def save_named(self, which: str, step: int, tree: PyTree) -> None:
+        """Save into 'phema' (snapshots) or 'phema_<σ_rel>', with checksums; an existing step is replaced."""
+        manager = self._manager_for(which)
+        if step in manager.all_steps():
+            manager.delete(step)
+        self._save(manager, step, tree, None)
+
+    def restore_phema(self, skeleton: PyTree, step: int) -> PyTree:
+        """The power-EMA snapshot of `step` (saved with `save_named("phema", step, state.phema)`)."""
+        return self.restore(skeleton, step=step, which="phema")[0]
 
     def save_best(self, mode: str, step: int, state: PyTree, fid: float) -> None:
         self._save(self._manager_for(mode), step, state, None, metrics={"fid": float(fid)})
@@ -256,8 +274,11 @@ class Checkpointer:
             if record is not None:
                 verify_files(step_dir, record)  # before orbax: it must not read a damaged file
             target = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), _flatten(skeleton))
-            saved = manager.item_metadata(step)
-            saved = getattr(saved, "tree", saved) or {}
+            if record is not None:  # the saved keys are in the record; reading orbax's metadata costs seconds
+                saved = record["arrays"]
+            else:
+                saved = manager.item_metadata(step)
+                saved = getattr(saved, "tree", saved) or {}
             target.update({k: np.zeros((), np.int64) for k in saved if k.startswith(COUNTER)})
             flat = manager.restore(step, args=ocp.args.StandardRestore(target))
             if record is not None:

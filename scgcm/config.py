@@ -194,6 +194,11 @@ class TrainConfig:
     compile_cache: str = "auto"
     """XLA's persistent compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/scgcm/xla),
     a folder, or 'off'. A resumed run, or a rerun of the same configuration, then skips most compilation."""
+    phema: bool = False
+    """Also keep power-function EMAs of --config.phema-sigma-rels and snapshot them at every checkpoint
+    (checkpoints/phema/<step>, all kept), for post-hoc EMA with `python -m scgcm.phema` (EDM2, §3)."""
+    phema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    """Relative standard deviations of the power-function EMAs kept with --config.phema (EDM2's)."""
     skip_nonfinite: bool = False
     """Skip (and count) updates with a non-finite loss or gradient instead of stopping."""
     restart_from_scratch: bool = False
@@ -318,12 +323,17 @@ def build_state(cfg: "TrainConfig", optim: optax.GradientTransformation) -> Trai
     so a rerun or a resumed run initialises in about a second (op-by-op initialisation compiles
     hundreds of small programs, which no cache keeps: ~10 s on CPU even for the smoke model)."""
     model_key, train_key = jr.split(jr.key(cfg.seed))
-    return _initial_state(cfg.model, cfg.remat, optim, model_key, train_key)
+    return _initial_state(cfg.model, cfg.remat, optim, model_key, train_key, num_phema(cfg))
+
+
+def num_phema(cfg: "TrainConfig") -> int:
+    """Power-function EMAs in the run's TrainState (0 without --config.phema)."""
+    return len(cfg.phema_sigma_rels) if cfg.phema else 0
 
 
 @eqx.filter_jit
-def _initial_state(model: "ModelConfig", remat: bool, optim, model_key, train_key) -> TrainState:
-    return init_state(build_model(model, key=model_key, remat=remat), optim, train_key)
+def _initial_state(model: "ModelConfig", remat: bool, optim, model_key, train_key, phema: int = 0) -> TrainState:
+    return init_state(build_model(model, key=model_key, remat=remat), optim, train_key, phema)
 
 
 def build_schedule(cfg: TrainConfig) -> ICTSchedule:
@@ -396,6 +406,14 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
             errors.append(f"--config.fid.modes must name distinct modes, at least one (got {cfg.fid.modes})")
         if cfg.fid.ref is not None and not Path(cfg.fid.ref).is_file():
             errors.append(f"--config.fid.ref {cfg.fid.ref}: no such file")
+    if cfg.phema:
+        from scgcm.phema import gamma_to_sigma_rel
+
+        widest = gamma_to_sigma_rel(0.0)
+        if not cfg.phema_sigma_rels or any(not 0 < s < widest for s in cfg.phema_sigma_rels) \
+                or len(set(cfg.phema_sigma_rels)) != len(cfg.phema_sigma_rels):
+            errors.append(f"--config.phema-sigma-rels must be distinct values in (0, {widest:.4f}) "
+                          f"(got {cfg.phema_sigma_rels})")
     if cfg.model.image_size > 0 and cfg.model.image_size % 2 ** (len(cfg.model.torso.ch_mult) - 1):
         errors.append(f"--config.model.image-size {cfg.model.image_size} must be divisible by 2^(levels-1)")
     errors += _workdir_errors(cfg.workdir)

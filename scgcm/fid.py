@@ -8,6 +8,8 @@ SAMPLES is an `.npz` (key "images", else its first array) or a folder of PNGs; i
 299×299; samples in [-1, 1] go through `scgcm.inception.to_uint8` first). Reference statistics of a
 dataset are cached next to the weights, keyed by the data's content (`scgcm.statcache`). Fewer than
 2 images are refused; fewer than 2,048 give a biased FID, with a warning. See fid.md for the standard.
+`calc` also prints improved precision/recall (k = 3) when the reference holds real features (those
+of a dataset, or a file written by `ref --out`), and labels a FID of fewer than 50,000 samples.
 """
 
 import functools
@@ -30,6 +32,7 @@ from jaxtyping import Array, Float, UInt8
 from scgcm import inception, statcache
 from scgcm.errors import UserError
 from scgcm.images import FID_CHANNELS, as_nhwc_uint8, read_npz, rgb
+from scgcm.precision_recall import K, precision_recall, subsample
 from scgcm.statcache import Stats, StatisticsError, save_statistics
 
 # The feature dimension: with fewer images Σ is singular and FID is biased upward (papers use 50,000).
@@ -109,6 +112,12 @@ def _extract(net: eqx.Module, images: UInt8[Array, "b h w 3"]) -> Float[Array, "
     return net(inception.preprocess(images))  # the 299×299 resize happens here, one batch at a time
 
 
+@functools.cache
+def _jitted_extract(sharding: NamedSharding):
+    """One jitted `_extract` per output sharding, shared by every extractor (compiled once per network and batch shape)."""
+    return jax.jit(_extract, out_shardings=sharding)
+
+
 class FeatureExtractor:
     """uint8 NHWC images (any size) → [N, 2048] features, in batches sharded over `devices`.
 
@@ -129,7 +138,7 @@ class FeatureExtractor:
         self.net = jax.device_put(net, NamedSharding(self.mesh, PartitionSpec()))
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         self.progress = progress
-        self._fn = jax.jit(_extract, out_shardings=self.batch_sharding)
+        self._fn = _jitted_extract(self.batch_sharding)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -157,6 +166,11 @@ class FeatureExtractor:
         return np.concatenate(out).astype(np.float32)
 
 
+REAL_FEATURES_MAX = 50_000
+"""Real features kept with reference statistics (a fixed random subset beyond this), for
+precision/recall: all of CIFAR-10's 50,000 training images, 400 MB as float32."""
+
+
 def load_statistics(path: str | Path) -> Stats:
     """(μ, Σ) of a statistics file, verified (`statcache.read_statistics`); StatisticsError if unusable."""
     mu, sigma, _ = statcache.read_statistics(path)
@@ -175,29 +189,66 @@ def cache_slug(source: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(source or "default"))[-48:]
 
 
-def reference_statistics(source: str | None, extractor: Extractor, cache_dir: str | Path | None = None,
-                         split: str = "train", *, flag: str = "--config.data.source") -> Stats:
-    """Statistics of a whole dataset split (`scgcm.data.load_images` at its own size, grey as RGB),
-    cached in `cache_dir` (default: the weights' cache folder) by `statcache.cached_statistics`,
-    keyed by the data's content. `extractor` may be a function that builds one: it is called only
-    on a cache miss, after the data has been read. `flag` names the option in data errors."""
+def reference_from_images(images: np.ndarray, extractor: Extractor) -> tuple[Stats, np.ndarray]:
+    """(μ, Σ) of uint8 NHWC RGB images and up to REAL_FEATURES_MAX of their features (for precision/recall)."""
+    features = resolve(extractor).features(images)
+    return compute_statistics(features), subsample(features, REAL_FEATURES_MAX)
+
+
+def reference(source: str | None, extractor: Extractor, cache_dir: str | Path | None = None,
+              split: str = "train", *, flag: str = "--config.data.source",
+              need_features: bool = False) -> tuple[Stats, np.ndarray | None]:
+    """Statistics of a whole dataset split (`scgcm.data.load_images` at its own size, grey as RGB)
+    and, when `need_features`, up to REAL_FEATURES_MAX of its real features (else None), cached in
+    `cache_dir` (default: the weights' cache folder) by `statcache.cached_reference`, keyed by the
+    data's content. `extractor` may be a function that builds one: it is called only on a cache
+    miss, after the data has been read. `flag` names the option in data errors."""
     from scgcm import data  # the data stack is only needed here
 
     key = {"kind": "fid-ref", "data": data.source_fingerprint(source, split=split, flag=flag), "split": split,
            "size": "native", "channels": "rgb", "network": getattr(extractor, "weights_id", inception.PARAMS_SHA256),
            "preprocessing": inception.PREPROCESS_VERSION}
 
-    def compute() -> Stats:
+    def compute() -> tuple[Stats, np.ndarray]:
         images = data.load_images(source, split=split, image_size=None, channels=FID_CHANNELS, flag=flag)
-        return compute_statistics(resolve(extractor).features(rgb(images)))
+        return reference_from_images(rgb(images), extractor)
 
     cache_dir = Path(cache_dir) if cache_dir is not None else inception.cache_dir()
-    return statcache.cached_statistics(cache_dir, f"fid-ref-{cache_slug(source)}-{split}", key, compute)
+    return statcache.cached_reference(cache_dir, f"fid-ref-{cache_slug(source)}-{split}", key, compute,
+                                      need_features=need_features)
+
+
+def reference_statistics(source: str | None, extractor: Extractor, cache_dir: str | Path | None = None,
+                         split: str = "train", *, flag: str = "--config.data.source") -> Stats:
+    """(μ, Σ) of `reference`."""
+    return reference(source, extractor, cache_dir, split, flag=flag)[0]
+
+
+STANDARD_NUM = 50_000
+"""Samples of a FID comparable with published numbers; fewer give a value biased upward."""
+
+
+def fid_label(num: int) -> str:
+    """'FID' for the standard 50,000 samples (or more), else 'FID (1,000 samples)': FID is biased upward at small N."""
+    return "FID" if num >= STANDARD_NUM else f"FID ({num:,} samples)"
+
+
+Scores = dict[str, float]
+"""{"fid": …, "precision": …, "recall": …}; the last two only against real features."""
+
+
+def feature_scores(features: np.ndarray, ref_stats: Stats, ref_features: np.ndarray | None = None) -> Scores:
+    """FID of generated features against (μ, Σ), and improved precision/recall (k = K) against the
+    real features when given and both sets hold more than K. ValueError if the FID is undefined."""
+    out = {"fid": frechet_distance(*compute_statistics(features), *ref_stats)}
+    if ref_features is not None and min(len(features), len(ref_features)) > K:
+        out["precision"], out["recall"] = precision_recall(ref_features, features)
+    return out
 
 
 def fid_from_images(images_u8: np.ndarray, ref_stats: Stats, extractor: FeatureExtractor) -> float:
     """FID of uint8 NHWC images against reference (μ, Σ)."""
-    return frechet_distance(*compute_statistics(extractor.features(images_u8)), *ref_stats)
+    return feature_scores(extractor.features(images_u8), ref_stats)["fid"]
 
 
 def load_samples(path: str | Path) -> np.ndarray:
@@ -265,12 +316,13 @@ def cli(args: Sequence[str] | None = None) -> Ref | Calc:
                                                 description=__doc__.splitlines()[0], args=args)
 
 
-def read_reference(path: Path, flag: str = "--ref") -> Stats:
-    """Statistics from a file the user named, or a one-line UserError naming `flag` and the file."""
+def read_reference(path: Path, flag: str = "--ref", *, need_features: bool = False) -> tuple[Stats, np.ndarray | None]:
+    """Statistics from a file the user named and, when `need_features`, its real features (None if
+    it holds none: `ref --out` writes them), verified; else a one-line UserError naming `flag` and the file."""
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
     try:
-        return load_statistics(path)
+        return load_statistics(path), statcache.read_features(path) if need_features else None
     except StatisticsError as e:
         raise UserError(f"{flag} {e}") from None
 
@@ -288,9 +340,10 @@ def main(command: Ref | Calc | Sequence[str] | None = None) -> int:
         case Ref(source=source, split=split, out=out):
             if out is not None and out.is_dir():
                 raise UserError(f"--out {out} is a folder; give a file name ending in .npz")
-            mu, sigma = reference_statistics(source, extractor, split=split, flag="--source")
+            (mu, sigma), features = reference(source, extractor, split=split, flag="--source",
+                                              need_features=out is not None)
             if out is not None:
-                save_statistics(out, mu, sigma, source=str(source), split=split)
+                save_statistics(out, mu, sigma, features=features, source=str(source), split=split)
                 print(f"wrote {out}", file=sys.stderr)
         case Calc(samples=samples, ref=ref, source=source, split=split):
             if ref is not None and source is not None:
@@ -298,16 +351,20 @@ def main(command: Ref | Calc | Sequence[str] | None = None) -> int:
             images = load_samples(samples)  # every input first, then the network
             check_sample_count(len(images), str(samples), warn=False)  # the warning comes with the number
             if ref is not None:
-                ref_stats = read_reference(ref)
+                ref_stats, ref_features = read_reference(ref, need_features=True)
             else:
-                ref_stats = reference_statistics(source, extractor, split=split, flag="--source")
+                ref_stats, ref_features = reference(source, extractor, split=split, flag="--source", need_features=True)
             print(f"{len(images)} samples from {samples}", file=sys.stderr)
             check_sample_count(len(images), str(samples))
             try:
-                value = fid_from_images(images, ref_stats, extractor())
+                scores = feature_scores(extractor().features(images), ref_stats, ref_features)
             except ValueError as e:
                 raise UserError(f"FID of {samples} against {ref or 'the reference'} is undefined: {e}") from None
-            print(f"{value:.4f}")
+            if "precision" in scores:
+                print(f"precision {scores['precision']:.4f}, recall {scores['recall']:.4f} "
+                      f"(k={K}, {len(ref_features)} real features)", file=sys.stderr)
+            print(f"{fid_label(len(images))}:", file=sys.stderr)
+            print(f"{scores['fid']:.4f}")
     return 0
 
 

@@ -2,9 +2,13 @@
 
 Image i of a seed always comes from `fold_in(key(seed), i)`, so the images do not depend on the
 batch size or on the number of devices.
+
+A sampler is a `jax.tree_util.Partial`, a pytree: its float and int options are compared by value
+(the jitted batch is compiled once per mode, options and shapes in a process, however many times
+the sampler is rebuilt), and an option given as a JAX array is traced (a search over the two-step
+σ compiles once).
 """
 
-from functools import partial
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,6 +18,7 @@ import jax.random as jr
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from scgcm import samplers
@@ -29,22 +34,22 @@ def make_sampler(
     shape: tuple[int, int, int],
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
-    two_step_sigma: float = 0.661,
+    two_step_sigma: float | jax.Array = 0.661,
     sigmas: tuple[float, ...] = (80.0, 0.661),
     heun_steps: int = 18,
 ) -> Callable[[SCGCM, jax.Array], jax.Array]:
     """A per-image function (model, key) -> image in [-1, 1] (channel-first) for one sampling mode."""
     match mode:
         case "onestep":
-            return partial(samplers.multistep, sigmas=(sigma_max,), shape=shape, sigma_min=sigma_min)
+            return Partial(samplers.multistep, sigmas=(sigma_max,), shape=shape, sigma_min=sigma_min)
         case "twostep":
-            return partial(samplers.multistep, sigmas=(sigma_max, two_step_sigma), shape=shape, sigma_min=sigma_min)
+            return Partial(samplers.multistep, sigmas=(sigma_max, two_step_sigma), shape=shape, sigma_min=sigma_min)
         case "multistep":
             if list(sigmas) != sorted(sigmas, reverse=True) or sigmas[-1] <= sigma_min:
                 raise ValueError(f"multistep sigmas must decrease and stay above sigma_min={sigma_min}: {sigmas}")
-            return partial(samplers.multistep, sigmas=tuple(sigmas), shape=shape, sigma_min=sigma_min)
+            return Partial(samplers.multistep, sigmas=tuple(sigmas), shape=shape, sigma_min=sigma_min)
         case "heun":
-            return partial(samplers.heun, num_steps=heun_steps, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
+            return Partial(samplers.heun, num_steps=heun_steps, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
     raise ValueError(f"unknown sampling mode {mode!r}; choose one of {MODES}")
 
 
@@ -62,8 +67,10 @@ def generate(
     batch_size: int,
     mesh: Mesh | None = None,
     progress: bool = False,
+    start: int = 0,
 ) -> np.ndarray:
-    """`num` uint8 images [num, h, w, c] from the model in inference mode, `batch_size` at a time."""
+    """`num` uint8 images [num, h, w, c] from the model in inference mode, `batch_size` at a time:
+    images start … start + num − 1 of the seed (image i from `fold_in(key(seed), i)`)."""
     model = eqx.nn.inference_mode(model)
     mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
     ndev = mesh.devices.size
@@ -71,10 +78,10 @@ def generate(
     base = jr.key(seed)
     sharding = NamedSharding(mesh, P("data"))
     out = []
-    for start in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
-        idx = np.arange(start, start + batch_size)
+    for first in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
+        idx = np.arange(start + first, start + first + batch_size)
         keys = jax.device_put(jax.vmap(lambda i: jr.fold_in(base, i))(idx), sharding)
         images = _sample_batch(model, keys, sampler)
         images = multihost_utils.process_allgather(images, tiled=True) if jax.process_count() > 1 else np.asarray(images)
-        out.append(images[: num - start])
+        out.append(images[: num - first])
     return np.concatenate(out) if out else np.zeros((0,), np.uint8)

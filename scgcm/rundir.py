@@ -152,9 +152,11 @@ class RunLock:
             self._fd = None
 
 
-# Fields whose change alters the run's arithmetic: resuming with any of them changed is refused unless
-# --config.allow-config-change. Other fields (logging, saving, FID, sampling, workdir) may change freely.
-MATH_FIELDS = ("variant", "seed", "total_steps", "batch_size", "compute_dtype", "model.", "ict.", "loss.", "optim.", "data.")
+# Fields whose change alters the run's arithmetic (or, for phema, the layout of the state its checkpoints
+# hold): resuming with any of them changed is refused unless --config.allow-config-change. Other fields
+# (logging, saving, FID, sampling, workdir) may change freely.
+MATH_FIELDS = ("variant", "seed", "total_steps", "batch_size", "compute_dtype", "model.", "ict.", "loss.", "optim.", "data.",
+               "phema", "phema_sigma_rels")
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
@@ -224,9 +226,26 @@ def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> None:
 
 
 def _finite_or_none(v):
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_or_none(x) for x in v]
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
         return v
     return float(v) if math.isfinite(float(v)) else None
+
+
+def dumps_finite(obj, **kwargs) -> str:
+    """json.dumps with every non-finite number (at any depth) written as null, so the JSON is valid."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def append_record(path: Path, step: int, values: dict) -> dict:
+    """Append {"step": step, **values} to a .jsonl file as one line (non-finite numbers as null); returns it."""
+    record = {"step": int(step), **_finite_or_none(values)}
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+    return record
 
 
 class MetricsLog:
@@ -282,9 +301,7 @@ class MetricsLog:
         """Append one record; non-finite numbers are written as null (valid JSON)."""
         if jax.process_index() != 0:  # one writer in a multi-host run
             return
-        record = {"step": int(step), **{k: _finite_or_none(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        record = append_record(self.path, step, values)
         scalars = {k: v for k, v in record.items() if isinstance(v, float) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():

@@ -3,7 +3,16 @@
 Loads a checkpoint of a run (the latest, the best by FID of a mode, or a given step), takes its EMA
 weights (or the raw ones with --no-ema), and writes uint8 images [N, h, w, c] to an .npz, a PNG grid
 and optionally a folder of PNGs. Image i depends only on (seed, i). With --fid it also prints their
-FID (the computation of `scgcm.fid` and of training), against --fid-ref, --fid-source or the run's data.
+FID (the computation of `scgcm.fid` and of training) and improved precision/recall (k = 3), against
+--fid-ref, --fid-source or the run's data.
+
+The protocol of the papers: `--fid --repeats 3 --num 50000` evaluates the disjoint image ranges
+0–49,999, 50,000–99,999 and 100,000–149,999 (or --seed-starts), prints each FID, their minimum
+(what EDM reports) and mean ± std, and writes them to <out>.fid.json. `--search-two-step-sigma`
+searches the intermediate σ of two-step sampling for the lowest FID (golden-section search in log σ
+over --search-range, --search-probes FIDs of --num images each), and writes each probe to
+DIR/samples/two_step_sigma_<step>.json and a plot of FID against σ beside it.
+`--checkpoint phema_0.080` samples an EMA reconstructed by `python -m scgcm.phema`.
 """
 
 import dataclasses
@@ -11,10 +20,13 @@ import functools
 import json
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import tyro
@@ -22,11 +34,13 @@ from PIL import Image
 
 from scgcm import fid, inception
 from scgcm.checkpoint import Checkpointer
-from scgcm.config import TrainConfig, build_model
+from scgcm.config import TrainConfig, build_model, num_phema
 from scgcm.errors import UserError, run_cli
-from scgcm.evaluate import data_statistics, rgb
+from scgcm.evaluate import FIDEvaluator, data_reference, describe_scores, image_scores, plot_lines
+from scgcm.fid import Scores
+from scgcm.protocol import golden_section_search, seed_ranges, summarize
 from scgcm.generate import Mode, generate, make_sampler
-from scgcm.rundir import save_grid, use_compile_cache
+from scgcm.rundir import dumps_finite, save_grid, use_compile_cache
 from scgcm.state import TrainState, init_state, make_optimizer
 
 
@@ -35,7 +49,8 @@ class SampleArgs:
     workdir: str
     """Run directory written by scgcm.train."""
     checkpoint: str = "latest"
-    """'latest', 'best' (lowest FID of --mode; 'best_onestep' etc. names a mode) or a step number."""
+    """'latest', 'best' (lowest FID of --mode; 'best_onestep' etc. names a mode), a step number, or
+    'phema_<σ_rel>' (an EMA reconstructed by `python -m scgcm.phema`)."""
     ema: bool = True
     """Use the EMA weights (--no-ema for the raw ones)."""
     mode: Mode = "onestep"
@@ -53,7 +68,8 @@ class SampleArgs:
     seed: int = 0
     """Seed: image i comes from fold_in(key(seed), i)."""
     out: str | None = None
-    """.npz of uint8 images [N, h, w, c] (default: DIR/samples/<mode>_<step>_seed<seed>.npz)."""
+    """.npz of uint8 images [N, h, w, c] (default: DIR/samples/<mode>_<step>_seed<seed>.npz); with
+    --repeats R it holds the R ranges one after the other, and --fid writes <out>.fid.json beside it."""
     png_dir: str | None = None
     """Also write each image as a PNG into this folder."""
     grid: str | None = None
@@ -62,6 +78,16 @@ class SampleArgs:
     """Also print the FID of the images (standard Inception features; comparable numbers need --num 50000)."""
     fid_ref: str | None = None
     """Reference statistics .npz for --fid (from `python -m scgcm.fid ref --out`)."""
+    repeats: int = 1
+    """With --fid: evaluate this many disjoint ranges of --num images (EDM reports the minimum of 3)."""
+    seed_starts: tuple[int, ...] = ()
+    """First image index of each repeat (default 0, num, 2·num, …); image i comes from fold_in(key(seed), i)."""
+    search_two_step_sigma: bool = False
+    """Search the two-step intermediate σ with the lowest FID of --num images (implies --fid and twostep)."""
+    search_range: tuple[float, float] = (0.1, 5.0)
+    """Interval of σ for --search-two-step-sigma."""
+    search_probes: int = 10
+    """FID evaluations of --search-two-step-sigma (the bracket shrinks by 0.618 per probe)."""
     fid_source: str | None = None
     """Without --fid-ref: dataset whose train split gives the reference (default: the run's training data); cached."""
     compile_cache: str = "auto"
@@ -94,15 +120,25 @@ def load_run_config(workdir: Path) -> TrainConfig:
         raise UserError(f"--workdir {workdir}: {path.name} is unreadable ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+@functools.cache
+def state_skeleton(cfg: TrainConfig) -> TrainState:
+    """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema);
+    cached: it takes a second to trace and never changes."""
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-    skeleton = eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k), jr.key(0))
-    if not (checkpoint.isdigit() or checkpoint == "latest" or checkpoint.startswith("best")):
-        raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>' or a step, not {checkpoint!r}")
+    return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
+
+
+def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+    if not (checkpoint.isdigit() or checkpoint == "latest" or checkpoint.startswith(("best", "phema_"))):
+        raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>', 'phema_<σ_rel>' or a step, "
+                        f"not {checkpoint!r}")
+    skeleton = state_skeleton(cfg)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         if checkpoint.isdigit():
             restored = ckpt.restore(skeleton, step=int(checkpoint))
+        elif checkpoint.startswith("phema_"):
+            restored = ckpt.restore(skeleton, which=checkpoint)
         elif checkpoint.startswith("best"):
             which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
             restored = ckpt.restore(skeleton, which=which)
@@ -115,19 +151,80 @@ def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode
     return restored
 
 
-def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.Extractor) -> tuple[fid.Stats, str]:
-    """Reference statistics for --fid and their description: --fid-ref, else --fid-source, else the run's data.
-    `extractor` may be a function that builds one: it is called only if statistics must be computed."""
+def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.Extractor) -> tuple[fid.Stats, np.ndarray | None, str]:
+    """`run_reference` of --fid-ref or --fid-source (which exclude each other)."""
     if args.fid_ref and args.fid_source:
         raise UserError("--fid-ref and --fid-source exclude each other: the reference is either a file or a dataset")
-    if args.fid_ref:
-        return fid.read_reference(Path(args.fid_ref), "--fid-ref"), args.fid_ref
-    if args.fid_source:
-        return fid.reference_statistics(args.fid_source, extractor, flag="--fid-source"), f"{args.fid_source} (train)"
+    return run_reference(cfg, extractor, args.fid_ref, args.fid_source)
+
+
+def run_reference(cfg: TrainConfig, extractor: fid.Extractor, fid_ref: str | None = None,
+                  fid_source: str | None = None) -> tuple[fid.Stats, np.ndarray | None, str]:
+    """Reference statistics, real features for precision/recall (None if the `fid_ref` file holds
+    none) and their description: `fid_ref`, else `fid_source`'s train split, else the run's data.
+    `extractor` may be a function that builds one: it is called only if features must be computed."""
+    if fid_ref:
+        stats, features = fid.read_reference(Path(fid_ref), "--fid-ref", need_features=True)
+        return stats, features, fid_ref
+    if fid_source:
+        stats, features = fid.reference(fid_source, extractor, flag="--fid-source", need_features=True)
+        return stats, features, f"{fid_source} (train)"
     d, m = cfg.data, cfg.model
-    stats = data_statistics(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
-                            synthetic_size=d.synthetic_size, seed=cfg.seed)
-    return stats, f"the run's data {d.source or 'cifar10'} ({d.split})"
+    stats, features = data_reference(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+                                     synthetic_size=d.synthetic_size, seed=cfg.seed, need_features=True)
+    return stats, features, f"the run's data {d.source or 'cifar10'} ({d.split})"
+
+
+def run_sampler(cfg: TrainConfig, mode: str, *, two_step_sigma: float | jax.Array | None = None,
+                sigmas: tuple[float, ...] = (80.0, 0.661), heun_steps: int | None = None):
+    """The run's sampler of `mode` (its model shape, σ range, two-step σ and Heun steps unless given)."""
+    m = cfg.model
+    return make_sampler(
+        mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
+        two_step_sigma=cfg.sample.two_step_sigma if two_step_sigma is None else two_step_sigma, sigmas=sigmas,
+        heun_steps=heun_steps or cfg.sample.heun_steps,
+    )
+
+
+def fid_extractor(batch_size: int) -> fid.FeatureExtractor:
+    """The standard Inception network, at most `batch_size` images at a time (and the backend's default)."""
+    return fid.FeatureExtractor(inception.load_inception(), batch_size=min(batch_size, fid.default_batch_size()),
+                                progress=True)
+
+
+def run_evaluator(cfg: TrainConfig, extractor: fid.Extractor, *, modes: tuple[str, ...], num: int, batch_size: int,
+                  seed: int, fid_ref: str | None = None) -> tuple[FIDEvaluator, str]:
+    """An evaluator of a run's models (`num` images of each of `modes` from `seed`, against `run_reference`)
+    and the reference's description; the reference is read (or a bad `fid_ref` refused) before the network is built."""
+    ref_stats, ref_features, ref_name = run_reference(cfg, extractor, fid_ref)
+    evaluator = FIDEvaluator(ref_stats, fid.resolve(extractor), {m: run_sampler(cfg, m) for m in modes}, num=num,
+                             batch_size=batch_size, seed=seed, progress=True, ref_features=ref_features)
+    return evaluator, ref_name
+
+
+def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, workdir: Path,
+                          scorer: Callable[[np.ndarray], Scores]) -> int:
+    """The σ search: each probe samples --num two-step images and scores them; prints, JSON, plot."""
+    label = fid.fid_label(args.num)
+    probes = []
+
+    def objective(sigma: float) -> float:
+        sampler = run_sampler(cfg, "twostep", two_step_sigma=jnp.asarray(sigma, jnp.float32))  # traced: one compile
+        images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
+        result = scorer(images)
+        probes.append({"sigma": sigma, **result})
+        print(f"σ {sigma:.4f}: {label} {describe_scores({'twostep': result})}", flush=True)
+        return result["fid"]
+
+    best, value, _ = golden_section_search(objective, *args.search_range, probes=args.search_probes)
+    out = workdir / "samples" / f"two_step_sigma_{step:07d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dumps_finite({"step": step, "num": args.num, "seed": args.seed, "range": list(args.search_range),
+                                 "probes": probes, "best_sigma": best, "best_fid": value}, indent=2) + "\n")
+    plot_lines({"twostep": [(p["sigma"], p["fid"]) for p in probes]}, out.with_suffix(".png"),
+               xlabel="two-step intermediate σ", ylabel=f"{label}, step {step}")
+    print(f"best two-step σ {best:.4f}: {label} {value:.4f} ({len(probes)} probes) -> {out}, {out.with_suffix('.png')}")
+    return 0
 
 
 def check_args(args: SampleArgs) -> None:
@@ -135,8 +232,19 @@ def check_args(args: SampleArgs) -> None:
     for flag, value in (("--num", args.num), ("--batch-size", args.batch_size), ("--heun-steps", args.heun_steps)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
-    if args.fid:
+    if args.fid or args.search_two_step_sigma:
         fid.check_sample_count(args.num, "--num")
+    if args.repeats != 1 and not args.fid:
+        raise UserError("--repeats needs --fid")
+    seed_ranges(args.num, args.repeats, args.seed_starts)
+    if args.search_two_step_sigma:
+        lo, hi = args.search_range
+        if not 0 < lo < hi:
+            raise UserError(f"--search-range must be 0 < LO < HI (got {lo} {hi})")
+        if args.search_probes < 2:
+            raise UserError(f"--search-probes must be at least 2 (got {args.search_probes})")
+        if args.repeats != 1:
+            raise UserError("--search-two-step-sigma takes one range of --num images; drop --repeats")
     if not Path(args.workdir).is_dir():
         raise UserError(f"--workdir {args.workdir}: no such directory")
 
@@ -149,18 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_run_config(workdir)
     use_compile_cache(args.compile_cache)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)  # a missing step stops us before any network
-    if args.fid:  # the reference before sampling, so that a missing file or dataset stops us first
-        extractor = functools.cache(lambda: fid.FeatureExtractor(  # built only when features are needed
-            inception.load_inception(), batch_size=min(args.batch_size, fid.default_batch_size()), progress=True))
-        ref_stats, ref_name = reference(args, cfg, extractor)
+    if args.fid or args.search_two_step_sigma:  # the reference before sampling: a missing file or dataset stops us first
+        extractor = functools.cache(lambda: fid_extractor(args.batch_size))  # built only when features are needed
+        ref_stats, ref_features, ref_name = reference(args, cfg, extractor)
+        scorer = lambda images: image_scores(images, ref_stats, extractor(), ref_features)  # noqa: E731
     model = state.ema if args.ema else state.model
-    m = cfg.model
-    sampler = make_sampler(
-        args.mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-        two_step_sigma=args.two_step_sigma or cfg.sample.two_step_sigma, sigmas=args.sigmas,
-        heun_steps=args.heun_steps or cfg.sample.heun_steps,
-    )
-    images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
+    if args.search_two_step_sigma:
+        return search_two_step_sigma(args, cfg, model, step, workdir, scorer)
+    sampler = run_sampler(cfg, args.mode, two_step_sigma=args.two_step_sigma, sigmas=args.sigmas,
+                          heun_steps=args.heun_steps)
+    ranges = seed_ranges(args.num, args.repeats, args.seed_starts)
+    per_range = [generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True,
+                          start=first) for first, _ in ranges]
+    images = np.concatenate(per_range)
 
     out = Path(args.out) if args.out else workdir / "samples" / f"{args.mode}_{step:07d}_seed{args.seed}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,8 +283,22 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
     if args.fid:
-        print(f"FID {fid.fid_from_images(rgb(images), ref_stats, extractor()):.4f} "
-              f"({len(images)} images, {args.mode}, step {step}, against {ref_name})")
+        label = fid.fid_label(args.num)
+        results = []
+        for (first, last), imgs in zip(ranges, per_range):
+            result = scorer(imgs)
+            results.append({"first": first, "last": last, **result})
+            pr = f", precision {result['precision']:.4f}, recall {result['recall']:.4f}" if "precision" in result else ""
+            print(f"{label}: {result['fid']:.4f} (images {first}–{last}, {args.mode}, step {step}, against {ref_name}){pr}")
+        summary = {name: summarize([r[name] for r in results]) for name in ("fid", "precision", "recall")
+                   if all(name in r for r in results)}
+        if args.repeats > 1:
+            s = summary["fid"]
+            print(f"{label} over {args.repeats} ranges: min {s['min']:.4f}, mean {s['mean']:.4f} ± {s['std']:.4f}")
+        record = {"checkpoint": args.checkpoint, "step": step, "mode": args.mode, "ema": args.ema, "seed": args.seed,
+                  "num": args.num, "label": label, "reference": ref_name, "repeats": results, **summary}
+        out.with_suffix(".fid.json").write_text(dumps_finite(record, indent=2) + "\n")
+        print(f"wrote {out.with_suffix('.fid.json')}")
     return 0
 
 

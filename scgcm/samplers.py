@@ -20,11 +20,13 @@ def _latent(key: PRNGKeyArray, shape: tuple[int, ...], index: int) -> Float[Arra
 
 
 def multistep(
-    model: SCGCM, key: PRNGKeyArray, sigmas: tuple[float, ...], shape: tuple[int, int, int], sigma_min: float
+    model: SCGCM, key: PRNGKeyArray, sigmas: tuple[float | Float[Array, ""], ...], shape: tuple[int, int, int],
+    sigma_min: float,
 ) -> Float[Array, "c h w"]:
     """Consistency sampling through σ_0 > σ_1 > …: x = f(σ_0·z, σ_0); x ← f(x + sqrt(σ_j² − σ_min²)·z_j, σ_j).
 
-    `sigmas=(80,)` is one-step sampling, `(80, 0.661)` the reference's two-step sampling.
+    `sigmas=(80,)` is one-step sampling, `(80, 0.661)` the reference's two-step sampling. A σ after the
+    first may be an array (traced: one compiled sampler for every value).
     """
     x = model.consistency(sigmas[0] * _latent(key, shape, 0), jnp.asarray(sigmas[0]))[0]
     for j, sigma in enumerate(sigmas[1:], start=1):

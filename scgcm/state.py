@@ -19,6 +19,9 @@ class TrainState(eqx.Module):
     opt_state: PyTree
     step: Int[Array, ""]
     key: PRNGKeyArray
+    phema: tuple[SCGCM, ...] | None = None
+    """Power-function EMAs for post-hoc EMA (`--config.phema`, `scgcm.phema`); None when off, so that a
+    default state (and its checkpoints) is unchanged."""
 
 
 def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformation:
@@ -34,10 +37,12 @@ def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformat
     return optax.multi_transform({"torso": optax.radam(torso_lr), "head": optax.radam(head_lr)}, labels)
 
 
-def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyArray) -> TrainState:
+def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyArray, num_phema: int = 0) -> TrainState:
+    """`num_phema` power-function EMAs besides the EMA (0: none, the field is None)."""
     trainable, _ = split_trainable(model)
-    ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)  # own buffers
-    return TrainState(model, ema, optim.init(trainable), jnp.zeros((), jnp.int32), key)
+    copy = lambda: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)  # own buffers
+    phema = tuple(copy() for _ in range(num_phema)) if num_phema else None
+    return TrainState(model, copy(), optim.init(trainable), jnp.zeros((), jnp.int32), key, phema)
 
 
 def ema_update(ema: PyTree, params: PyTree, step: Int[Array, ""], decay: float, copy_steps: int) -> PyTree:

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int, PyTree
 from scgcm.ict import ICTSchedule
 from scgcm.losses import JointLoss
 from scgcm.model import SCGCM, split_trainable
+from scgcm.phema import power_ema_update
 from scgcm.state import TrainState, ema_update
 
 
@@ -65,12 +66,14 @@ def train_step(
     loss_fn: JointLoss,
     ema_decay: float,
     ema_copy_steps: int = 2,
+    phema_gammas: tuple[float, ...] = (),
     grad_accum: int = 1,
     compute_dtype=None,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One update. A non-finite loss or gradient leaves model, EMA and optimizer state as they were
-    (the step still advances) and sets `skipped`; the caller decides whether to stop or go on."""
+    (the step still advances) and sets `skipped`; the caller decides whether to stop or go on.
+    `phema_gammas` are the exponents of `state.phema`'s power-function EMAs (`scgcm.phema`)."""
     trainable, frozen = split_trainable(state.model)
     step_key = jr.fold_in(state.key, state.step)
     grad_fn = eqx.filter_value_and_grad(batch_loss, has_aux=True)
@@ -103,9 +106,17 @@ def train_step(
     ema_trainable, ema_frozen = split_trainable(state.ema)
     with jax.named_scope("ema"):
         ema = eqx.combine(ema_update(ema_trainable, new_trainable, step, ema_decay, ema_copy_steps), ema_frozen)
-    new_state = TrainState(eqx.combine(new_trainable, frozen), ema, opt_state, step, state.key)
+    phema = state.phema
+    if phema is not None:
+        if len(phema_gammas) != len(phema):
+            raise ValueError(f"{len(phema)} power-function EMAs in the state but {len(phema_gammas)} exponents")
+        with jax.named_scope("phema"):
+            phema = tuple(eqx.combine(power_ema_update(split_trainable(p)[0], new_trainable, step, g), split_trainable(p)[1])
+                          for p, g in zip(phema, phema_gammas))
+    new_state = TrainState(eqx.combine(new_trainable, frozen), ema, opt_state, step, state.key, phema)
 
-    parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state)
+    parts = lambda s: (eqx.filter(s.model, eqx.is_array), eqx.filter(s.ema, eqx.is_array), s.opt_state,
+                       eqx.filter(s.phema, eqx.is_array))
     with jax.named_scope("nan_guard"):
         finite = {
             "finite_ct": jnp.isfinite(loss_ct),
@@ -114,8 +125,9 @@ def train_step(
         }
         ok = finite["finite_ct"] & finite["finite_dsm"] & finite["finite_grad"]
         # one cond, not a select per array: the per-array selects tripled the step's XLA compile time on CPU
-        model, ema, opt_state = jax.lax.cond(ok, lambda: parts(new_state), lambda: parts(state))
-    new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key)
+        model, ema, opt_state, phema = jax.lax.cond(ok, lambda: parts(new_state), lambda: parts(state))
+    phema = None if state.phema is None else eqx.combine(phema, state.phema)
+    new_state = TrainState(eqx.combine(model, state.model), eqx.combine(ema, state.ema), opt_state, step, state.key, phema)
 
     with jax.named_scope("metrics"):
         grad_norm = optax.global_norm(grads.torso)

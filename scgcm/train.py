@@ -30,9 +30,10 @@ from scgcm import inception
 from scgcm.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
 from scgcm.errors import UserError, run_cli
-from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
+from scgcm.evaluate import NUM_KEY, FIDEvaluator, data_reference, describe_scores, flat_scores, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
+from scgcm.phema import sigma_rel_to_gamma
 from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
 from scgcm.rundir import (MetricsLog, RunLock, close_logging, config_changes, log_to_file, previous_config, save_grid,
                           setup_logging, use_compile_cache, write_config)
@@ -226,6 +227,7 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     train_fn = make_train_fn(
         mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
+        phema_gammas=tuple(sigma_rel_to_gamma(s) for s in cfg.phema_sigma_rels) if cfg.phema else (),
         compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
     )
     samplers = {mode: make_sampler(mode, shape=shape, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
@@ -237,14 +239,19 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
             extractor = fid_lib.FeatureExtractor(inception.load_inception(),  # at most 32 images at a time on a CPU
                                                  batch_size=min(cfg.fid.batch_size, fid_lib.default_batch_size()))
         d = cfg.data
-        ref_stats = fid_lib.read_reference(Path(cfg.fid.ref), "--config.fid.ref") if cfg.fid.ref else data_statistics(
-            d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
-            synthetic_size=d.synthetic_size, seed=cfg.seed)
+        if cfg.fid.ref:  # precision/recall only if the file holds real features (`scgcm.fid ref --out` writes them)
+            ref_stats, ref_features = fid_lib.read_reference(Path(cfg.fid.ref), "--config.fid.ref", need_features=True)
+        else:
+            ref_stats, ref_features = data_reference(
+                d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
+                synthetic_size=d.synthetic_size, seed=cfg.seed, need_features=True)
         evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in cfg.fid.modes},
-                                 num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
+                                 num=cfg.fid.num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh,
+                                 ref_features=ref_features)
         final_modes, final_num = cfg.fid.final_modes or cfg.fid.modes, cfg.fid.final_num or cfg.fid.num
         final_evaluator = FIDEvaluator(ref_stats, extractor, {mode: samplers[mode] for mode in final_modes},
-                                       num=final_num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh)
+                                       num=final_num, batch_size=cfg.fid.batch_size, seed=cfg.fid.seed, mesh=mesh,
+                                       ref_features=ref_features)
     metrics_log = MetricsLog(workdir, resume_step=step, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=cfg)
     # wall-clock seconds of the run over all its starts (set-up and compilation included), for comparisons
     elapsed_before, started_at = metrics_log.last("elapsed_s", 0.0), launched
@@ -258,10 +265,11 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
 
     def evaluate_fid(at: int, final: bool = False) -> dict[str, float]:
         which = final_evaluator if final else evaluator
-        scores = which(state.ema)
+        results = which.evaluate(state.ema)
+        scores = {mode: r["fid"] for mode, r in results.items()}
         fids.update(scores)
-        metrics_log.write(at, {**{f"fid_{mode}": value for mode, value in scores.items()}, "num_fid_samples": which.num})
-        log.info("FID at step %d (%d samples): %s", at, which.num, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        metrics_log.write(at, {**flat_scores(results), NUM_KEY: which.num})
+        log.info("%s at step %d: %s", fid_lib.fid_label(which.num), at, describe_scores(results))
         if jax.process_index() == 0:
             plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
         return scores
@@ -271,6 +279,8 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
         ckpt.save(at, state, counters={"skipped_total": skipped_total})
+        if state.phema is not None and at not in ckpt.steps("phema"):  # snapshots for post-hoc EMA, all kept
+            ckpt.save_named("phema", at, state.phema)
         log.info("checkpoint saved at step %d", at)
         comparable = not final or (evaluator is not None and final_evaluator.num == evaluator.num)  # FID depends on N
         for mode, value in scores.items():
@@ -384,8 +394,8 @@ def final_sampling(cfg: TrainConfig, workdir: Path, log, stop: StopSignal, state
     save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
     log.info("final samples: %s", out)
     if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
-        log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
-                 evaluator.score(samples, "final onestep"))
+        log.info("final %s (onestep, seed %d): %s", fid_lib.fid_label(len(samples)), cfg.seed,
+                 describe_scores({"onestep": evaluator.scores(samples, "final onestep")}))
     return 0
 
 

@@ -142,8 +142,10 @@ def test_training_logs_fid_and_keeps_best_checkpoints(fid_run, cache):
     fids = [r for r in records if any(k.startswith("fid_") for k in r)]
     assert [r["step"] for r in fids] == [2, 4]
     for r in fids:
-        assert {f"fid_{m}" for m in RUN_MODES} == set(r) - {"step", "num_fid_samples"} and r["num_fid_samples"] == 16
-        assert all(np.isfinite(r[f"fid_{m}"]) for m in RUN_MODES)
+        expected = {f"{name}_{m}" for m in RUN_MODES for name in ("fid", "precision", "recall")} | {"num_fid_samples"}
+        assert expected == set(r) - {"step"} and all(np.isfinite(r[f"fid_{m}"]) for m in RUN_MODES)
+        assert r["num_fid_samples"] == 16 and all(0 <= r[f"{n}_{m}"] <= 1 for m in RUN_MODES for n in ("precision", "recall"))
+    assert set(read_fids(workdir / "metrics.jsonl")) == set(RUN_MODES)  # num_fid_samples is not a mode
     checkpoints = workdir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best_onestep", "best_twostep", "latest"]
     for mode in RUN_MODES:
@@ -152,7 +154,8 @@ def test_training_logs_fid_and_keeps_best_checkpoints(fid_run, cache):
         assert len(kept) == 1 and by_step[kept[0]] == min(by_step.values())  # the lowest FID (ties: either)
     assert (workdir / "fid.png").is_file()
     log = (workdir / "log.txt").read_text()
-    assert "FID at step 4" in log and "final FID (onestep, 16 samples" in log
+    assert "FID (16 samples) at step 4: onestep" in log and "final FID (16 samples) (onestep, seed" in log
+    assert "precision" in log
     assert len(list(cache.glob("fid-ref-synthetic-*.npz"))) == 1  # the run's data, cached
 
 
@@ -168,12 +171,18 @@ def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch,
     out = tmp_path / "s.npz"
     args = ["--workdir", workdir, "--num", "16", "--batch-size", "16", "--seed", "42", "--out", str(out), "--fid"]
     assert sample.main(args) == 0
-    printed = float(re.search(r"^FID (\S+) \(16 images, onestep, step 4", capsys.readouterr().out, re.M).group(1))
-    assert printed == pytest.approx(trained, rel=1e-4, abs=1e-4)
+    printed = capsys.readouterr().out
+    value = float(re.search(r"^FID \(16 samples\): (\S+) \(images 0–15, onestep, step 4", printed, re.M).group(1))
+    assert value == pytest.approx(trained, rel=1e-4, abs=1e-4)
+    precision = float(re.search(r"precision (\S+),", printed).group(1))
+    assert precision == pytest.approx(next(r["precision_onestep"] for r in records if "precision_onestep" in r and r["step"] == 4))
+    saved = json.loads(out.with_suffix(".fid.json").read_text())
+    assert saved["label"] == "FID (16 samples)" and saved["fid"]["min"] == pytest.approx(value, abs=1e-4)
+    printed = value
 
     ref = next(cache.glob("fid-ref-synthetic-*.npz"))  # the run's reference, computed by training
     assert sample.main([*args, "--fid-ref", str(ref)]) == 0
-    assert f"FID {printed:.4f} (16 images" in capsys.readouterr().out
+    assert f"FID (16 samples): {printed:.4f} (images 0–15" in capsys.readouterr().out
     fid.main(fid.cli(["calc", str(out), "--ref", str(ref), "--batch-size", "8"]))
     assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(printed, rel=1e-4, abs=1e-4)
     with pytest.raises(UserError, match="--fid-ref .*missing.npz: no such file"):
@@ -255,10 +264,11 @@ def test_fid_of_the_untrained_model_and_a_larger_final_evaluation(fid_run, tmp_p
         fid_run.fid, at_start=True, final_num=32, final_modes=("onestep",)))
     assert train(cfg, extractor=extractor) == 0
     fids = [r for r in _records(cfg.workdir) if "num_fid_samples" in r]
+    keys = lambda *modes: sorted([f"{n}_{m}" for m in modes for n in ("fid", "precision", "recall")] + ["num_fid_samples", "step"])
     assert [(r["step"], r["num_fid_samples"], sorted(r)) for r in fids] == [
-        (0, 16, ["fid_onestep", "fid_twostep", "num_fid_samples", "step"]),
-        (2, 16, ["fid_onestep", "fid_twostep", "num_fid_samples", "step"]),
-        (4, 32, ["fid_onestep", "num_fid_samples", "step"]),
+        (0, 16, keys("onestep", "twostep")),
+        (2, 16, keys("onestep", "twostep")),
+        (4, 32, keys("onestep")),
     ]
     for mode in RUN_MODES:
         assert [p.name for p in (Path(cfg.workdir) / "checkpoints" / f"best_{mode}").iterdir() if p.name.isdigit()] == ["2"]

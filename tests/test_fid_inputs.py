@@ -146,21 +146,63 @@ def test_cache_file_of_other_data_is_not_used(tmp_path):
 
     def compute(value):
         computed.append(value)
-        return np.full(2, value), np.eye(2) * value
+        return (np.full(2, value), np.eye(2) * value), None
 
-    stats = statcache.cached_statistics(tmp_path, "s", {"data": "a"}, lambda: compute(1.0))
-    np.testing.assert_array_equal(statcache.cached_statistics(tmp_path, "s", {"data": "a"}, lambda: compute(9.0))[0],
-                                  stats[0])
+    def cached(key, value):
+        return statcache.cached_reference(tmp_path, "s", {"data": key}, lambda: compute(value))[0]
+
+    stats = cached("a", 1.0)
+    np.testing.assert_array_equal(cached("a", 9.0)[0], stats[0])
     (only,) = tmp_path.glob("s-*.npz")
-    statcache.cached_statistics(tmp_path, "s", {"data": "b"}, lambda: compute(2.0))
+    cached("b", 2.0)
     (other,) = set(tmp_path.glob("s-*.npz")) - {only}
     other.write_bytes(only.read_bytes())  # a valid file under another key's name
     with pytest.warns(UserWarning, match="computed for other data"):
-        assert statcache.cached_statistics(tmp_path, "s", {"data": "b"}, lambda: compute(2.0))[0][0] == 2.0
+        assert cached("b", 2.0)[0][0] == 2.0
     other.write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="not a readable .npz"):
-        assert statcache.cached_statistics(tmp_path, "s", {"data": "b"}, lambda: compute(2.0))[0][0] == 2.0
+        assert cached("b", 2.0)[0][0] == 2.0
     assert computed == [1.0, 2.0, 2.0, 2.0]
+
+
+def test_real_features_are_cached_verified_and_added_when_needed(tmp_path):
+    """Precision/recall's real features live in the same content-keyed files, under their own digest."""
+    computed = []
+
+    def compute(features):
+        def run():
+            computed.append(len(features))
+            return fid.compute_statistics(features), features
+        return run
+
+    a, b = (np.random.default_rng(i).standard_normal((6, 3)).astype(np.float32) for i in (0, 1))
+    stats, none = statcache.cached_reference(tmp_path, "r", {"data": "x"}, lambda: (compute(a)()[0], None))
+    assert none is None and computed == [6]
+    (path,) = tmp_path.glob("r-*.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file without features is no fault: recomputed silently when they are needed
+        got_stats, got = statcache.cached_reference(tmp_path, "r", {"data": "x"}, compute(a), need_features=True)
+    np.testing.assert_array_equal(got, a)
+    assert computed == [6, 6]
+    assert statcache.cached_reference(tmp_path, "r", {"data": "x"}, compute(b), need_features=True)[1] is not None
+    assert computed == [6, 6]  # now a hit, features included
+    assert statcache.cached_reference(tmp_path, "r", {"data": "x"}, compute(b))[1] is None  # not read unless needed
+
+    with np.load(path) as z:
+        entries = {k: z[k] for k in z.files}
+    entries["features"] = entries["features"] + 1.0  # μ, Σ and the features' digest kept
+    np.savez(path, **entries)
+    assert statcache.cached_reference(tmp_path, "r", {"data": "x"}, compute(b))[1] is None  # μ, Σ still verify
+    with pytest.warns(UserWarning, match="features do not match their stored sha256"):
+        _, again = statcache.cached_reference(tmp_path, "r", {"data": "x"}, compute(b), need_features=True)
+    np.testing.assert_array_equal(again, b)
+    assert computed == [6, 6, 6]
+
+    statcache.save_statistics(tmp_path / "ref.npz", *stats, features=a)  # what `fid ref --out` writes
+    np.testing.assert_array_equal(fid.read_reference(tmp_path / "ref.npz", need_features=True)[1], a)
+    np.savez(tmp_path / "ref.npz", **entries)
+    with pytest.raises(UserError, match="--fid-ref .*features do not match"):
+        fid.read_reference(tmp_path / "ref.npz", "--fid-ref", need_features=True)
 
 
 # --------------------------------------------------------------------------------- 2. too few images

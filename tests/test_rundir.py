@@ -186,6 +186,8 @@ def test_changed_seed_on_resume_is_refused(micro_run, tmp_path, capsys):
     assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 1  # nothing written
     before, after = dataclasses.asdict(_micro(workdir)), dataclasses.asdict(_micro(workdir, batch_size=16, keep_checkpoints=1))
     assert config_changes(before, after) == ["batch_size 8 → 16"]
+    with_phema = dataclasses.asdict(_micro(workdir, phema=True))  # another state layout: its checkpoints would not load
+    assert config_changes(before, with_phema) == ["phema False → True"]
 
 
 def test_unwritable_checkpoints_folder_is_found_at_start(tmp_path, capsys):

@@ -1,0 +1,98 @@
+"""The FID protocol through the CLIs, on a copy of the session's smoke run with a cheap Inception
+stand-in: `scgcm.sample --fid --repeats`, `--search-two-step-sigma`, and the checkpoint sweep
+`python -m scgcm.evaluate RUN`."""
+
+import json
+import re
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import Array, Float
+
+from scgcm import evaluate, fid, inception, sample
+
+
+class StandIn(eqx.Module):
+    """Inception's contract ((b, 299, 299, 3) in [-1, 1] → (b, 6)) at a fraction of the cost, as in test_evaluate.py."""
+
+    w: jax.Array = eqx.field(default_factory=lambda: jax.random.normal(jax.random.key(1), (3, 6)))
+
+    def __call__(self, x: Float[Array, "b 299 299 3"]) -> Float[Array, "b 6"]:
+        return jnp.mean(jnp.tanh(4 * x[:, ::13, ::13] @ self.w), axis=(1, 2))
+
+
+@pytest.fixture
+def run(smoke_run, tmp_path, monkeypatch):
+    """A private copy of the smoke run (checkpoints at 4 and 8, no FID logged), the stand-in network
+    and a private reference cache."""
+    workdir = tmp_path / "smoke"
+    shutil.copytree(smoke_run, workdir)
+    monkeypatch.setenv("SCGCM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inception, "load_inception", StandIn)
+    return workdir
+
+
+def test_repeats_use_disjoint_reproducible_ranges_and_label_the_count(run, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    args = ["--workdir", str(run), "--num", "6", "--batch-size", "8", "--fid", "--out", str(out)]
+    assert sample.main([*args, "--repeats", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert len(re.findall(r"^FID \(6 samples\): \S+ \(images 0–5, ", printed, re.M)) == 1
+    assert len(re.findall(r"^FID \(6 samples\): \S+ \(images 6–11, ", printed, re.M)) == 1
+    assert re.search(r"^FID \(6 samples\) over 2 ranges: min \S+, mean \S+ ± \S+$", printed, re.M)
+    record = json.loads(out.with_suffix(".fid.json").read_text())
+    fids = [r["fid"] for r in record["repeats"]]
+    assert [(r["first"], r["last"]) for r in record["repeats"]] == [(0, 5), (6, 11)]
+    assert record["fid"]["min"] == min(fids) and record["fid"]["mean"] == pytest.approx(np.mean(fids))
+    assert record["label"] == "FID (6 samples)" and {"precision", "recall"} <= set(record)
+    images = np.load(out)["images"]
+    assert images.shape[0] == 12 and not np.array_equal(images[:6], images[6:])
+
+    assert sample.main([*args, "--seed-starts", "6", "--out", str(tmp_path / "second.npz")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "second.npz")["images"], images[6:])  # reproducible
+    second = json.loads((tmp_path / "second.fid.json").read_text())
+    assert second["repeats"][0]["fid"] == pytest.approx(fids[1], rel=1e-6)
+    with pytest.raises(Exception, match="overlap"):
+        sample.main([*args, "--repeats", "2", "--seed-starts", "0", "3"])
+
+
+def test_search_two_step_sigma_writes_probes_and_plot(run, capsys):
+    assert sample.main(["--workdir", str(run), "--num", "4", "--batch-size", "8", "--search-two-step-sigma",
+                        "--search-probes", "2", "--search-range", "0.2", "2.0"]) == 0
+    record = json.loads((run / "samples" / "two_step_sigma_0000008.json").read_text())
+    assert len(record["probes"]) == 2 and all(0.2 <= p["sigma"] <= 2.0 for p in record["probes"])
+    assert record["best_fid"] == min(p["fid"] for p in record["probes"])
+    assert (run / "samples" / "two_step_sigma_0000008.png").is_file()
+    assert "best two-step σ" in capsys.readouterr().out
+
+
+def test_sweep_evaluates_exactly_the_checkpoints_without_fid_and_is_idempotent(run, capsys):
+    metrics = run / "metrics.jsonl"
+    with metrics.open("a") as f:  # step 4 already has its FID
+        f.write(json.dumps({"step": 4, "fid_onestep": 123.0}) + "\n")
+    assert evaluate.pending_steps(run, ("onestep",)) == [8]
+    assert evaluate.pending_steps(run, ("onestep", "twostep")) == [4, 8]
+    extractor = fid.FeatureExtractor(StandIn(), batch_size=8)
+    before = metrics.read_text()
+    assert evaluate.main([str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"], extractor=extractor) == 0
+    added = [json.loads(line) for line in metrics.read_text()[len(before):].splitlines()]
+    assert [r["step"] for r in added] == [8]
+    assert set(added[0]) == {"step", "fid_onestep", "precision_onestep", "recall_onestep", "num_fid_samples"}
+    assert (run / "fid.png").is_file() and "step 8: FID (6 samples) onestep" in capsys.readouterr().out
+    after = metrics.read_text()
+    assert evaluate.main([str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"], extractor=extractor) == 0
+    assert metrics.read_text() == after and "every saved checkpoint has a FID" in capsys.readouterr().out
+    assert evaluate.read_fids(metrics)["onestep"] == [(4, 123.0), (8, added[0]["fid_onestep"])]
+
+
+def test_evaluated_steps_count_undefined_fids_and_skip_torn_lines(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 2, "loss_ct": 1.0}\n{"step": 4, "fid_onestep": null, "num_fid_samples": 6.0}\n'
+                       '{"step": 6, "fid_onestep": 3.5, "fid_twostep": 2.5}\nnot json\n{"step": 8, "fid_on')
+    assert evaluate.evaluated_steps(metrics, ("onestep",)) == {4, 6}  # an undefined FID was computed: not redone
+    assert evaluate.evaluated_steps(metrics, ("onestep", "twostep")) == {6}
+    assert evaluate.read_fids(metrics) == {"onestep": [(6, 3.5)], "twostep": [(6, 2.5)]}  # finite values only
