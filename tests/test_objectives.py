@@ -11,12 +11,12 @@ from scgcm.config import build_loss, build_model, build_schedule
 from scgcm.losses import JointLoss, default_huber_c, pseudo_huber
 from scgcm.model import split_trainable
 
-from tiny import MICRO_MODEL, TINY_MODEL, tiny_config
+from tiny import MICRO_ATTN_MODEL, MICRO_MODEL, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
-    return eqx.filter_jit(build_model)(TINY_MODEL, key=jr.key(0))
+    return eqx.filter_jit(build_model)(MICRO_ATTN_MODEL, key=jr.key(0))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def perturbed(model):
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), frozen)
 
 
-def example(shape=(3, 16, 16)):
+def example(shape=(3, 8, 8)):
     y = jr.uniform(jr.key(2), shape, minval=-1, maxval=1)
     return y, jr.normal(jr.key(3), shape)
 
@@ -117,8 +117,8 @@ def test_fourier_weights_are_not_trainable(model):
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     n_all = sum(x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)))
     frozen_arrays = jax.tree_util.tree_leaves(eqx.filter(frozen, eqx.is_inexact_array))
-    assert [x.size for x in frozen_arrays] == [TINY_MODEL.torso.nf]
-    assert n_all - n_train == TINY_MODEL.torso.nf
+    assert [x.size for x in frozen_arrays] == [MICRO_ATTN_MODEL.torso.nf]
+    assert n_all - n_train == MICRO_ATTN_MODEL.torso.nf
 
 
 def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
@@ -130,8 +130,8 @@ def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
     from tiny import tiny_train_step
 
     step, optim = tiny_train_step()
-    cfg = tiny_config()
-    images = jr.uniform(jr.key(7), (4, 3, 16, 16), minval=-1, maxval=1)
+    cfg = tiny_config(model=MICRO_ATTN_MODEL)
+    images = jr.uniform(jr.key(7), (4, 3, 8, 8), minval=-1, maxval=1)
     ids = jnp.arange(4)
     evaluate = eqx.filter_jit(lambda m: batch_loss(*split_trainable(m), images, ids, jnp.asarray(0), jr.key(8),
                                                    schedule=build_schedule(cfg), loss_fn=build_loss(cfg))[1])

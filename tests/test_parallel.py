@@ -35,8 +35,9 @@ from tiny import MICRO_ATTN_MODEL, MICRO_MODEL, tiny_config
 CFG = tiny_config(steps_per_call=2, model=MICRO_ATTN_MODEL)  # batch 8 of 8×8 images
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 3, 8, 8)).astype(np.float32)  # (calls' steps, batch, c, h, w)
 RTOL, ATOL, UPDATE_TOL = 1e-5, 1e-6, 1e-3
-# bfloat16 vs float32, first update, this model and batch: measured relative gaps 1.3e-4 (loss_ct),
-# 1.3e-4 (loss_dsm), 9e-4 (torso gradient norm); the bounds are ~4-5x those.
+# bfloat16 vs float32, first update, this model and batch: measured relative gaps 4.2e-5 (loss_ct),
+# 9.4e-5 (loss_dsm), 7.2e-4 (torso gradient norm); on the two-level tiny model 1.3e-4, 1.3e-4, 9e-4.
+# The bounds are ~4-7x those.
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 5e-4, 5e-3
 
 

@@ -117,11 +117,11 @@ def test_skip_nonfinite_counts_skipped_updates(tmp_path):
 def test_skipped_update_keeps_weights_and_advances_step():
     from scgcm.config import build_model
     from scgcm.state import init_state
-    from tiny import TINY_MODEL, tiny_train_step
+    from tiny import MICRO_ATTN_MODEL, tiny_train_step
 
     step, optim = tiny_train_step()
-    state = init_state(build_model(TINY_MODEL, key=jr.key(0)), optim, jr.key(1))
-    images = jr.uniform(jr.key(2), (4, 3, 16, 16), minval=-1, maxval=1).at[1].set(jnp.nan)
+    state = init_state(eqx.filter_jit(build_model)(MICRO_ATTN_MODEL, key=jr.key(0)), optim, jr.key(1))
+    images = jr.uniform(jr.key(2), (4, 3, 8, 8), minval=-1, maxval=1).at[1].set(jnp.nan)
     new, metrics = step(state, images, jnp.arange(4))
     assert int(metrics["skipped"]) == 1 and not bool(metrics["finite_ct"])
     assert int(new.step) == 1

@@ -34,8 +34,8 @@ def tiny_config(**overrides) -> TrainConfig:
 
 @functools.cache
 def tiny_train_step():
-    """One jitted single-device `train_step` with fixed tiny hyperparameters, shared by every test
-    that needs it (one compile per session)."""
+    """One jitted single-device `train_step` of MICRO_ATTN_MODEL with fixed tiny hyperparameters,
+    shared by every test that needs it (one compile per session)."""
     import equinox as eqx
 
     import optax
@@ -43,7 +43,7 @@ def tiny_train_step():
     from scgcm.config import build_loss, build_schedule
     from scgcm.step import train_step
 
-    cfg = tiny_config()
+    cfg = tiny_config(model=MICRO_ATTN_MODEL)
     optim = optax.adam(1e-3)  # RAdam's warm-up would need hundreds of updates to show a trend
     step = functools.partial(train_step, optim=optim, schedule=build_schedule(cfg), loss_fn=build_loss(cfg), ema_decay=0.9)
     return eqx.filter_jit(step), optim
