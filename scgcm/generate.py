@@ -13,11 +13,12 @@ import jax
 import jax.random as jr
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from scgcm import samplers
 from scgcm.model import SCGCM
+from scgcm.parallel import split_rows
 
 Mode = Literal["onestep", "twostep", "multistep", "heun"]
 MODES: tuple[str, ...] = ("onestep", "twostep", "multistep", "heun")
@@ -69,11 +70,10 @@ def generate(
     ndev = mesh.devices.size
     batch_size = max(ndev, -(-batch_size // ndev) * ndev)
     base = jr.key(seed)
-    sharding = NamedSharding(mesh, P("data"))
     out = []
     for start in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
         idx = np.arange(start, start + batch_size)
-        keys = jax.device_put(jax.vmap(lambda i: jr.fold_in(base, i))(idx), sharding)
+        keys = split_rows(jax.vmap(lambda i: jr.fold_in(base, i))(idx), mesh)  # every process draws all keys
         images = _sample_batch(model, keys, sampler)
         images = multihost_utils.process_allgather(images, tiled=True) if jax.process_count() > 1 else np.asarray(images)
         out.append(images[: num - start])

@@ -33,7 +33,8 @@ from scgcm.errors import UserError, run_cli
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
-from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
+from scgcm import distributed
+from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
 from scgcm.rundir import (MetricsLog, RunLock, close_logging, config_changes, log_to_file, previous_config, save_grid,
                           setup_logging, use_compile_cache, write_config)
 from scgcm.state import make_optimizer
@@ -125,7 +126,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     lock = log = None
     try:
         lock = RunLock(workdir) if jax.process_index() == 0 else None  # one trainer per run directory
-        log = setup_logging(workdir)
+        log = setup_logging(workdir, jax.process_index())  # log.txt: process 0's
         if lock is not None and getattr(lock, "stale", ""):
             log.info("%s was left by a trainer that ended without releasing it (%s)", lock.path, lock.stale)
         return _train(cfg, workdir, log, launched, extractor)
@@ -157,7 +158,7 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
                             "or use another --config.workdir")
     try:  # a file named checkpoints, a read-only folder: found now, not at the first save
         (folder / "latest").mkdir(parents=True, exist_ok=True)
-        probe = folder / "latest" / f".write-test-{os.getpid()}"
+        probe = folder / "latest" / f".write-test-{jax.process_index()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -168,7 +169,8 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
 def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
            extractor: fid_lib.FeatureExtractor | None) -> int:
     check_resume(cfg, workdir)
-    write_config(workdir, cfg)
+    if jax.process_index() == 0:
+        write_config(workdir, cfg)
     cache = use_compile_cache(cfg.compile_cache)
     log.info("XLA compilation cache: %s", cache or "off")
     m = cfg.model
@@ -209,6 +211,11 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     if restored is not None:
         (state, step), skipped_total = restored, ckpt.counters.get("skipped_total", 0)
         log.info("resumed from %s at step %d", ckpt.directory / "latest", step)
+        written = (ckpt.counters.get("process_count"), ckpt.counters.get("devices_per_process"))
+        if None not in written and written != distributed.layout():
+            log.info("layout changed: the checkpoint of step %d was written by %s, this run has %s (same global "
+                     "batch, same numbers)", step, distributed.describe_layout(*written),
+                     distributed.describe_layout(*distributed.layout()))
     else:
         state, step, skipped_total = build_state(cfg, optim), 0, 0
     (tp, ta), (hp, ha) = count_params(state.model.torso), count_params(state.model.head)
@@ -246,7 +253,8 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     def save_grids(at: int) -> None:
         for mode in GRID_MODES:
             grid = generate(state.ema, samplers[mode], seed=cfg.seed, num=cfg.sample.grid_size, batch_size=cfg.sample.batch_size, mesh=mesh)
-            save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
+            if jax.process_index() == 0:
+                save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
 
     fids: dict[str, float] = {}  # the latest evaluation, shown in the progress bar
 
@@ -264,7 +272,9 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
         """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs (the final evaluation's
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
-        ckpt.save(at, state, counters={"skipped_total": skipped_total})
+        processes, per_process = distributed.layout()  # recorded, so that a resume on another layout says so
+        ckpt.save(at, state, counters={"skipped_total": skipped_total, "process_count": processes,
+                                       "devices_per_process": per_process})
         log.info("checkpoint saved at step %d", at)
         comparable = not final or (evaluator is not None and final_evaluator.num == evaluator.num)  # FID depends on N
         for mode, value in scores.items():
@@ -333,10 +343,11 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
                 save_grids(step)
             if step % cfg.saving_step < n and step < end:
                 save_checkpoint(step, with_fid=True)
-            if stop.signum is not None:
+            signum = distributed.max_over_processes(stop.signum or 0)  # all processes stop at the same step
+            if signum:
                 save_checkpoint(step)
-                log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
-                return 128 + stop.signum
+                log.info("stopped by %s at step %d", signal.Signals(signum).name, step)
+                return 128 + signum
         save_checkpoint(step, with_fid=step > start_step, final=step >= cfg.total_steps)
         if step >= cfg.total_steps and cfg.sample.final_sampling:
             bar.close()
@@ -370,12 +381,13 @@ def final_sampling(cfg: TrainConfig, workdir: Path, log, stop: StopSignal, state
     log.info("final sampling: %d one-step images", cfg.sample.final_num)
     samples = generate(state.ema, sampler, seed=cfg.seed, num=cfg.sample.final_num,
                        batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
-    out.parent.mkdir(exist_ok=True)  # no grid may have been written yet
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as f:  # renamed when complete: a kill never leaves half a file
-        np.savez_compressed(f, images=samples)
-    os.replace(tmp, out)
-    save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
+    if jax.process_index() == 0:  # every process holds all the samples; one writes them
+        out.parent.mkdir(exist_ok=True)  # no grid may have been written yet
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("wb") as f:  # renamed when complete: a kill never leaves half a file
+            np.savez_compressed(f, images=samples)
+        os.replace(tmp, out)
+        save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
     log.info("final samples: %s", out)
     if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
         log.info("final FID (onestep, %d samples, seed %d): %.4f", len(samples), cfg.seed,
@@ -410,7 +422,8 @@ def parse(argv: list[str]) -> TrainConfig:
 def run(argv: list[str]) -> int:
     """The CLI; bad input raises UserError (see `main`)."""
     cfg = with_variant_workdir(parse(argv))
-    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    distributed.initialize(cfg.distributed, cfg.coordinator, cfg.num_processes, cfg.process_id,
+                           init_timeout=cfg.distributed_timeout, heartbeat_timeout=cfg.heartbeat_timeout)
     errors = validate_config(cfg, num_devices=jax.device_count())
     if errors:
         for e in errors:
@@ -420,8 +433,19 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug)."""
-    return run_cli(run, argv)
+    """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug).
+    In a multi-process run a failed process leaves at once (`distributed.exit_now`); a stop on a signal,
+    agreed by all processes at the same step, ends normally."""
+    try:
+        code = run_cli(run, argv)
+    except BaseException:
+        if not distributed.joined():
+            raise
+        traceback.print_exc()
+        code = 1
+    if code not in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT) and distributed.joined():
+        distributed.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":
