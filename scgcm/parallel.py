@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from scgcm.device_data import gather_batch
 from scgcm.state import TrainState
 from scgcm.step import train_steps
 
@@ -57,8 +58,10 @@ def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 1) -> jax.Arra
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
 
 
-def make_train_fn(mesh: Mesh, state_like: TrainState, **step_kwargs):
-    """A jitted `(state, images [n, B, c, h, w]) -> (state, metrics)` running `train_steps` under shard_map.
+def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | None = None, **step_kwargs):
+    """A jitted `(state, batch) -> (state, metrics)` running `train_steps` under shard_map; `batch` is the
+    global float32 images [n, B, c, h, w], or with `dataset` (uint8 [N, h, w, c] replicated on the mesh,
+    `device_data`) the global (indices, flips), each [n, B], of the images to gather on the devices.
 
     The state's buffers are donated: the caller must use the returned state.
     """
@@ -70,12 +73,24 @@ def make_train_fn(mesh: Mesh, state_like: TrainState, **step_kwargs):
         state, metrics = train_steps(state, images, offset, axis_name=AXIS, **step_kwargs)
         return eqx.filter(state, eqx.is_array), metrics
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+    if dataset is None:
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
 
-    @eqx.filter_jit(donate="all")
-    def run(state: TrainState, images: jax.Array):
+        @eqx.filter_jit(donate="all")
+        def run(state: TrainState, images: jax.Array):
+            arrays, _ = eqx.partition(state, eqx.is_array)
+            arrays, metrics = sharded(arrays, images)
+            return eqx.combine(arrays, static), metrics
+
+        return run
+
+    gathered = lambda arrays, images, indices, flips: per_device(arrays, gather_batch(images, indices, flips))
+    sharded = jax.shard_map(gathered, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P(None, AXIS)), out_specs=(P(), P()))
+
+    @eqx.filter_jit(donate="all-except-first")  # the dataset is an argument (not a constant) and is kept
+    def run_gathered(images: jax.Array, state: TrainState, indices: jax.Array, flips: jax.Array):
         arrays, _ = eqx.partition(state, eqx.is_array)
-        arrays, metrics = sharded(arrays, images)
+        arrays, metrics = sharded(arrays, images, indices, flips)
         return eqx.combine(arrays, static), metrics
 
-    return run
+    return lambda state, batch: run_gathered(dataset, state, *batch)

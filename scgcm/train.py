@@ -33,7 +33,7 @@ from scgcm.errors import UserError, run_cli
 from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
-from scgcm import distributed
+from scgcm import device_data, distributed
 from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
 from scgcm.rundir import (MetricsLog, RunLock, close_logging, config_changes, log_to_file, previous_config, save_grid,
                           setup_logging, use_compile_cache, write_config)
@@ -222,10 +222,16 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
     state = replicate(state, mesh)
+    fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
+    on_device = device_data.fits(images, cfg.device_data_mb) and fault_nan_step is None  # faults go in host batches
+    log.info("data: %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
+             "kept on every device, batches gathered in the step" if on_device else "host loader",
+             images.nbytes / 2**20, cfg.device_data_mb)
 
     schedule = build_schedule(cfg)
     train_fn = make_train_fn(
-        mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
+        mesh, state, dataset=replicate(images, mesh) if on_device else None,
+        optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
         compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
     )
@@ -284,13 +290,14 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
     start_step = step
     n = cfg.steps_per_call
-    loader = data_lib.BatchLoader(
+    loader = (device_data.IndexLoader(len(images), batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+              if on_device else data_lib.BatchLoader(
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
         process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    ))
     stop = StopSignal()
     interval: list[dict] = []
-    fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
     busy, timed = 0.0, 0  # seconds in training calls since the last log line (not sampling, saving or the
     # first call's compilation), and the updates they made
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
@@ -303,7 +310,7 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
             host_batch = next(loader)
             if fault_nan_step is not None and step <= fault_nan_step < step + n:
                 host_batch[fault_nan_step - step] = np.nan  # fault injection (SCGCM_FAULT_NAN_STEP), for tests
-            batch = global_batch(host_batch, mesh)
+            batch = jax.tree_util.tree_map(lambda a: global_batch(a, mesh), host_batch)  # images, or (indices, flips)
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
             if launched is not None:  # once per process: what a researcher waits for before training starts
