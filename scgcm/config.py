@@ -191,7 +191,7 @@ class TrainConfig:
     """Dtype of the networks' compute; parameters, optimizer state, EMA and loss reductions stay float32."""
     remat: bool = False
     """Rematerialise torso blocks in the backward pass (less memory, more compute)."""
-    device_data_mb: float = 1024
+    device_data_mb: float = 1024.0
     """Keep the training set on every device when its uint8 images take at most this many MiB (CIFAR-10: 147);
     each call's images are then gathered inside the jitted step (same batches); 0: always the host loader."""
     compile_cache: str = "auto"

@@ -15,13 +15,17 @@ devices through a coordinator (process 0's address). Settings come from, in this
 job of several tasks, a TPU worker list of several hosts); "on" always does (a TPU pod slice whose
 workers are found through the metadata server, which no environment variable announces); "off" never.
 
-Time limits: a process waits `init_timeout` seconds for all others to join, then stops with an error;
+Time limits: a process waits `init_timeout` seconds for all others to join, then stops: a process other
+than 0 with a one-line error if process 0's port never answers, otherwise with JAX's fatal
+`DEADLINE_EXCEEDED ... RegisterTask` (after the line printed on joining, which says what is awaited);
 after the start, a process whose heartbeats stop for `heartbeat_timeout` seconds (killed, host down,
 network cut) is declared dead by the coordinator, and every other process is stopped by JAX.
 """
 
 import os
+import socket
 import sys
+import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -83,19 +87,37 @@ def initialize(mode: Mode = "auto", coordinator: str | None = None, num_processe
     args = distributed_args(mode, coordinator, num_processes, process_id, env)
     if args is None:
         return False
+    who = (f"process {args['process_id'] if args['process_id'] is not None else '?'} of {args['num_processes'] or '?'}, "
+           f"coordinator {args['coordinator_address'] or '(found by JAX)'}")
+    # JAX ends a process that cannot join with a fatal log line (no Python exception): say first what is awaited
+    print(f"joining a multi-process run ({who}); waiting up to {init_timeout} s for every process "
+          "(--config.distributed-timeout)", file=sys.stderr, flush=True)
+    if args["coordinator_address"] and args["process_id"]:
+        _wait_for_coordinator(args["coordinator_address"], init_timeout, who)
     try:
         jax.distributed.initialize(**args, initialization_timeout=init_timeout,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
     except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        where = args["coordinator_address"] or "the address found by JAX's cluster detection"
-        raise UserError(
-            f"could not join the multi-process run (process {args['process_id'] if args['process_id'] is not None else '?'} "
-            f"of {args['num_processes'] or '?'}, coordinator {where}) within --config.distributed-timeout "
-            f"{init_timeout} s: is every process started, with the same coordinator address and process count, "
-            f"and is its port reachable? ({type(e).__name__}: {first})") from None
+        raise UserError(f"could not join the multi-process run ({who}): {type(e).__name__}: {first}") from None
     _open_collectives()
     return True
+
+
+def _wait_for_coordinator(address: str, timeout: float, who: str) -> None:
+    """Until `timeout`, try to reach process 0's coordinator port; a one-line UserError if it never answers."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise UserError(f"could not join the multi-process run ({who}): nothing answered at {address} within "
+                                f"--config.distributed-timeout {timeout:g} s ({type(e).__name__}: {e}); is process 0 "
+                                "started, with this address, and is the port reachable from here?") from None
+            time.sleep(1)
 
 
 def _open_collectives() -> None:
