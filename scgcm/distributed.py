@@ -104,7 +104,7 @@ def initialize(mode: Mode = "auto", coordinator: str | None = None, num_processe
     return True
 
 
-def _wait_for_coordinator(address: str, timeout: float, who: str) -> None:
+def _wait_for_coordinator(address: str, timeout: int, who: str) -> None:
     """Until `timeout`, try to reach process 0's coordinator port; a one-line UserError if it never answers."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
@@ -115,7 +115,7 @@ def _wait_for_coordinator(address: str, timeout: float, who: str) -> None:
         except (OSError, ValueError) as e:
             if time.monotonic() >= deadline:
                 raise UserError(f"could not join the multi-process run ({who}): nothing answered at {address} within "
-                                f"--config.distributed-timeout {timeout:g} s ({type(e).__name__}: {e}); is process 0 "
+                                f"--config.distributed-timeout {timeout} s ({type(e).__name__}: {e}); is process 0 "
                                 "started, with this address, and is the port reachable from here?") from None
             time.sleep(1)
 

@@ -298,3 +298,36 @@ def test_on_device_batches_equal_host_batches():
             host.close()
     assert device_data.fits(images, 1.0) and not device_data.fits(images, 0.0)
     assert not device_data.fits(np.zeros((1024, 1024, 1024), np.uint8)[:1], 1e-3)
+
+
+def test_when_to_join():
+    """`distributed_args`: flags first, then JAX_* variables, then a scheduler's environment (JAX detects the
+    rest); nothing for a single process; 'on' always, 'off' never."""
+    from scgcm.distributed import distributed_args
+
+    assert distributed_args("auto", None, None, None, env={}) is None
+    assert distributed_args("auto", "h:1", 2, 0, env={}) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+    env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed_args("auto", None, None, None, env=env) == {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}
+    assert distributed_args("auto", "h:1", None, 1, env=env)["coordinator_address"] == "h:1"  # a flag wins
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+    unset = {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert distributed_args("auto", None, None, None, env=slurm) == unset  # JAX reads SLURM_* itself
+    assert distributed_args("auto", None, None, None, env={**slurm, "SLURM_NTASKS": "1"}) is None
+    assert distributed_args("auto", None, None, None, env={"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == unset
+    assert distributed_args("auto", None, None, None, env={"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert distributed_args("on", None, None, None, env={}) == unset  # a TPU pod slice: the metadata server
+    assert distributed_args("off", "h:1", 2, 0, env=env) is None
+
+
+def test_missing_coordinator_is_one_line(capsys):
+    """A process other than 0 whose coordinator never answers: a one-line UserError after the timeout."""
+    from scgcm import distributed
+    from scgcm.errors import UserError
+
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"process 1 of 2, coordinator localhost:\d+\): nothing answered at localhost:\d+ "
+                                        r"within --config.distributed-timeout 1 s"):
+        distributed.initialize("auto", f"localhost:{_port()}", 2, 1, init_timeout=1)
+    assert time.perf_counter() - start < 5 and "waiting up to 1 s for every process" in capsys.readouterr().err
+    assert not jax.distributed.is_initialized()
