@@ -36,8 +36,6 @@ import pytest
 from PIL import Image
 
 
-pytestmark = pytest.mark.multihost
-
 HEARTBEAT_S = 5  # --config.heartbeat-timeout of the fault test: the survivor must stop within it (+ margin)
 ARGS = [
     "--config.preset", "smoke",
@@ -208,6 +206,7 @@ def two_by_four(reference, tmp_path_factory, cache):
     return workdir, results
 
 
+@pytest.mark.multihost
 def test_sigterm_stops_both_processes_at_one_checkpoint(two_by_four):
     run, [(code0, err0), (code1, err1)] = two_by_four
     assert code0 == code1 == 128 + signal.SIGTERM, (err0[-3000:], err1[-3000:])
@@ -216,6 +215,7 @@ def test_sigterm_stops_both_processes_at_one_checkpoint(two_by_four):
     assert sorted(int(p.name) for p in (run / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == [2, 4]
 
 
+@pytest.mark.multihost
 def test_two_processes_match_one_process(reference, two_by_four):
     """Weights, EMA and optimizer state, metrics line, FID and grids at step 4 of 2 × 4 (resumed from
     1 × 8's checkpoint 2) match the uninterrupted 1 × 8 run."""
@@ -231,6 +231,7 @@ def test_two_processes_match_one_process(reference, two_by_four):
     assert (run / "fid.png").is_file() and (run / "checkpoints" / "best_onestep").is_dir()
 
 
+@pytest.mark.multihost
 def test_only_process_zero_writes_and_the_layout_change_is_logged(two_by_four):
     run, [(_, err0), (_, err1)] = two_by_four
     log = (run / "log.txt").read_text()
@@ -247,6 +248,7 @@ def test_only_process_zero_writes_and_the_layout_change_is_logged(two_by_four):
     assert int(counters["@process_count"]) == 2 and int(counters["@devices_per_process"]) == 4
 
 
+@pytest.mark.multihost
 def test_two_process_checkpoint_resumes_on_one_process(reference, two_by_four, cache, tmp_path):
     """2 × 4's checkpoint 4, resumed on 1 × 8, ends with the uninterrupted run's weights, FID and samples."""
     workdir = copy_run(two_by_four[0], tmp_path / "to1x8", 4)
@@ -260,6 +262,7 @@ def test_two_process_checkpoint_resumes_on_one_process(reference, two_by_four, c
             "1 process × 8 devices") in (workdir / "log.txt").read_text()
 
 
+@pytest.mark.multihost
 def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
     """Both processes restarted resume from the SIGTERM checkpoint; kill -9 of process 1 then stops
     process 0 within the heartbeat timeout, with a non-zero code."""
