@@ -334,6 +334,10 @@ class Checkpointer:
             target = source.with_name(f"corrupt-{step}-{n}")
         if jax.process_index() == 0:
             source.rename(target)
+        if jax.process_count() > 1:  # the others look at the folder only once it is renamed
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"scgcm-move-aside-{which}-{step}")
         manager.reload()
         return target
 

@@ -191,6 +191,9 @@ class TrainConfig:
     """Dtype of the networks' compute; parameters, optimizer state, EMA and loss reductions stay float32."""
     remat: bool = False
     """Rematerialise torso blocks in the backward pass (less memory, more compute)."""
+    device_data_mb: float = 1024.0
+    """Keep the training set on every device when its uint8 images take at most this many MiB (CIFAR-10: 147);
+    each call's images are then gathered inside the jitted step (same batches); 0: always the host loader."""
     compile_cache: str = "auto"
     """XLA's persistent compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/scgcm/xla),
     a folder, or 'off'. A resumed run, or a rerun of the same configuration, then skips most compilation."""
@@ -210,12 +213,21 @@ class TrainConfig:
     """Also log scalars to TensorBoard (needs tensorboardX)."""
     wandb: bool = False
     """Also log to Weights & Biases (needs wandb)."""
+    distributed: Literal["auto", "on", "off"] = "auto"
+    """Multi-process: 'auto' joins a run when the flags below, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, or a SLURM step, MPI job or TPU worker list of several processes say so; 'on' always calls
+    jax.distributed.initialize (a TPU pod slice: the same command on every worker); 'off' never."""
     coordinator: str | None = None
-    """Multi-host: coordinator address host:port for jax.distributed (else the usual environment variables)."""
+    """Multi-process: process 0's address host:port (else JAX_COORDINATOR_ADDRESS, else found by JAX on SLURM/TPU)."""
     num_processes: int | None = None
-    """Multi-host: number of processes."""
+    """Multi-process: number of processes (else JAX_NUM_PROCESSES, else found by JAX on SLURM/TPU)."""
     process_id: int | None = None
-    """Multi-host: index of this process."""
+    """Multi-process: index of this process (else JAX_PROCESS_ID, else found by JAX on SLURM/TPU)."""
+    distributed_timeout: int = 300
+    """Multi-process: seconds a process waits for all the others to join before it stops with an error."""
+    heartbeat_timeout: int = 100
+    """Multi-process: seconds without a heartbeat after which a process (killed, host down) is declared dead and
+    every other process is stopped."""
     model: ModelConfig = field(default_factory=ModelConfig)
     ict: ICTConfig = field(default_factory=ICTConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -17,12 +17,13 @@ import jax
 import jax.random as jr
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
 from scgcm import samplers
 from scgcm.model import SCGCM
+from scgcm.parallel import split_rows
 
 Mode = Literal["onestep", "twostep", "multistep", "heun"]
 MODES: tuple[str, ...] = ("onestep", "twostep", "multistep", "heun")
@@ -76,11 +77,10 @@ def generate(
     ndev = mesh.devices.size
     batch_size = max(ndev, -(-batch_size // ndev) * ndev)
     base = jr.key(seed)
-    sharding = NamedSharding(mesh, P("data"))
     out = []
     for first in tqdm(range(0, num, batch_size), disable=not progress, desc="sampling", leave=False):
         idx = np.arange(start + first, start + first + batch_size)
-        keys = jax.device_put(jax.vmap(lambda i: jr.fold_in(base, i))(idx), sharding)
+        keys = split_rows(jax.vmap(lambda i: jr.fold_in(base, i))(idx), mesh)  # every process draws all keys
         images = _sample_batch(model, keys, sampler)
         images = multihost_utils.process_allgather(images, tiled=True) if jax.process_count() > 1 else np.asarray(images)
         out.append(images[: num - first])

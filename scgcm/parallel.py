@@ -5,35 +5,51 @@ batch split over "data", gradients and metrics averaged with pmean inside `train
 Each host passes only its rows of the global batch; `global_batch` assembles the global array.
 """
 
-import os
-
 import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from scgcm.device_data import gather_batch
 from scgcm.state import TrainState
 from scgcm.step import train_steps
 
 AXIS = "data"
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Join a multi-host run: explicit flags, or the environment variables jax.distributed reads
-    (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, Cloud TPU, SLURM, Open MPI)."""
-    if coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-
-
 def make_mesh(devices=None) -> Mesh:
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+    """A 1-D mesh "data" over `devices` (default: every device of every process), ordered process by
+    process, so that process p's devices hold rows [p·b, (p+1)·b) of a global batch: the rows its loader
+    reads (`data.BatchLoader`) and the global example indices the step folds into its keys."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.asarray(sorted(devices, key=lambda d: d.process_index)), (AXIS,))  # stable: order kept within a process
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _global_array(x, sharding: NamedSharding) -> jax.Array:
+    """A global array with `sharding` from the full value `x`, which every process holds (typed PRNG keys
+    go through their raw data). `jax.device_put` only reaches this process's devices."""
+    if _is_key(x):
+        return jax.random.wrap_key_data(_global_array(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every array of `tree` on all devices of the mesh."""
+    """Place every array of `tree` on all devices of the mesh; in a multi-process run every process
+    passes the same values (its own copy: built from the seed, or restored from the checkpoint)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree_util.tree_map(lambda x: _global_array(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def split_rows(x, mesh: Mesh) -> jax.Array:
+    """The full array `x` (every process holds it) split over "data" along axis 0."""
+    return _global_array(x, NamedSharding(mesh, P(AXIS)))
 
 
 def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 1) -> jax.Array:
@@ -42,8 +58,10 @@ def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 1) -> jax.Arra
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
 
 
-def make_train_fn(mesh: Mesh, state_like: TrainState, **step_kwargs):
-    """A jitted `(state, images [n, B, c, h, w]) -> (state, metrics)` running `train_steps` under shard_map.
+def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | None = None, **step_kwargs):
+    """A jitted `(state, batch) -> (state, metrics)` running `train_steps` under shard_map; `batch` is the
+    global float32 images [n, B, c, h, w], or with `dataset` (uint8 [N, h, w, c] replicated on the mesh,
+    `device_data`) the global (indices, flips), each [n, B], of the images to gather on the devices.
 
     The state's buffers are donated: the caller must use the returned state.
     """
@@ -55,12 +73,24 @@ def make_train_fn(mesh: Mesh, state_like: TrainState, **step_kwargs):
         state, metrics = train_steps(state, images, offset, axis_name=AXIS, **step_kwargs)
         return eqx.filter(state, eqx.is_array), metrics
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+    if dataset is None:
+        sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
 
-    @eqx.filter_jit(donate="all")
-    def run(state: TrainState, images: jax.Array):
+        @eqx.filter_jit(donate="all")
+        def run(state: TrainState, images: jax.Array):
+            arrays, _ = eqx.partition(state, eqx.is_array)
+            arrays, metrics = sharded(arrays, images)
+            return eqx.combine(arrays, static), metrics
+
+        return run
+
+    gathered = lambda arrays, images, indices, flips: per_device(arrays, gather_batch(images, indices, flips))
+    sharded = jax.shard_map(gathered, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P(None, AXIS)), out_specs=(P(), P()))
+
+    @eqx.filter_jit(donate="all-except-first")  # the dataset is an argument (not a constant) and is kept
+    def run_gathered(images: jax.Array, state: TrainState, indices: jax.Array, flips: jax.Array):
         arrays, _ = eqx.partition(state, eqx.is_array)
-        arrays, metrics = sharded(arrays, images)
+        arrays, metrics = sharded(arrays, images, indices, flips)
         return eqx.combine(arrays, static), metrics
 
-    return run
+    return lambda state, batch: run_gathered(dataset, state, *batch)

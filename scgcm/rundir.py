@@ -81,12 +81,15 @@ class _LogFile(logging.FileHandler):
             sys.stderr.write(f"warning: could not write {self.baseFilename}: {sys.exc_info()[1]}\n")
 
 
-def setup_logging(workdir: Path) -> logging.Logger:
+def setup_logging(workdir: Path, process_index: int = 0) -> logging.Logger:
+    """The "scgcm" logger: stderr and log.txt. In a multi-process run only process 0 writes log.txt; the
+    others print on their own stderr only, each line marked with the process index."""
     logger = logging.getLogger("scgcm")
     logger.setLevel(logging.INFO)
     logger.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), _LogFile(workdir / "log.txt")):
+    mark = f"[process {process_index}] " if process_index else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {mark}%(message)s", "%Y-%m-%d %H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr), *([_LogFile(workdir / "log.txt")] if not process_index else [])):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.propagate = False
@@ -103,7 +106,10 @@ def close_logging(logger: logging.Logger) -> None:
 
 
 def log_to_file(workdir: Path, message: str, level: str = "ERROR") -> None:
-    """Append one line to log.txt directly (for fatal errors, which the CLI prints on stderr itself)."""
+    """Append one line to log.txt directly (for fatal errors, which the CLI prints on stderr itself);
+    process 0's job in a multi-process run."""
+    if jax.process_index() != 0:
+        return
     try:
         with (Path(workdir) / "log.txt").open("a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}\n")

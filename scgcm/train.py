@@ -25,6 +25,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from scgcm import data as data_lib
+from scgcm import device_data, distributed
 from scgcm import fid as fid_lib
 from scgcm import inception
 from scgcm.checkpoint import Checkpointer, NoReadableCheckpoint
@@ -33,8 +34,8 @@ from scgcm.errors import UserError, run_cli
 from scgcm.evaluate import NUM_KEY, FIDEvaluator, data_reference, describe_scores, flat_scores, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
+from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
 from scgcm.phema import sigma_rel_to_gamma
-from scgcm.parallel import global_batch, initialize_distributed, make_mesh, make_train_fn, replicate
 from scgcm.rundir import (MetricsLog, RunLock, close_logging, config_changes, log_to_file, previous_config, save_grid,
                           setup_logging, use_compile_cache, write_config)
 from scgcm.state import make_optimizer
@@ -132,7 +133,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     lock = log = None
     try:
         lock = RunLock(workdir) if jax.process_index() == 0 else None  # one trainer per run directory
-        log = setup_logging(workdir)
+        log = setup_logging(workdir, jax.process_index())  # log.txt: process 0's
         if lock is not None and getattr(lock, "stale", ""):
             log.info("%s was left by a trainer that ended without releasing it (%s)", lock.path, lock.stale)
         return _train(cfg, workdir, log, launched, extractor)
@@ -164,7 +165,7 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
                             "or use another --config.workdir")
     try:  # a file named checkpoints, a read-only folder: found now, not at the first save
         (folder / "latest").mkdir(parents=True, exist_ok=True)
-        probe = folder / "latest" / f".write-test-{os.getpid()}"
+        probe = folder / "latest" / f".write-test-{jax.process_index()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -175,7 +176,8 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
 def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
            extractor: fid_lib.FeatureExtractor | None) -> int:
     check_resume(cfg, workdir)
-    write_config(workdir, cfg)
+    if jax.process_index() == 0:
+        write_config(workdir, cfg)
     cache = use_compile_cache(cfg.compile_cache)
     log.info("XLA compilation cache: %s", cache or "off")
     m = cfg.model
@@ -216,16 +218,27 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     if restored is not None:
         (state, step), skipped_total = restored, ckpt.counters.get("skipped_total", 0)
         log.info("resumed from %s at step %d", ckpt.directory / "latest", step)
+        written = (ckpt.counters.get("process_count"), ckpt.counters.get("devices_per_process"))
+        if None not in written and written != distributed.layout():
+            log.info("layout changed: the checkpoint of step %d was written by %s, this run has %s (same global "
+                     "batch, same numbers)", step, distributed.describe_layout(*written),
+                     distributed.describe_layout(*distributed.layout()))
     else:
         state, step, skipped_total = build_state(cfg, optim), 0, 0
     (tp, ta), (hp, ha) = count_params(state.model.torso), count_params(state.model.head)
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
     state = replicate(state, mesh)
+    fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
+    on_device = device_data.fits(images, cfg.device_data_mb) and fault_nan_step is None  # faults go in host batches
+    log.info("data: %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
+             "kept on every device, batches gathered in the step" if on_device else "host loader",
+             images.nbytes / 2**20, cfg.device_data_mb)
 
     schedule = build_schedule(cfg)
     train_fn = make_train_fn(
-        mesh, state, optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
+        mesh, state, dataset=replicate(images, mesh) if on_device else None,
+        optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
         phema_gammas=tuple(sigma_rel_to_gamma(s) for s in cfg.phema_sigma_rels) if cfg.phema else (),
         compute_dtype=jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else None,
@@ -259,7 +272,8 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     def save_grids(at: int) -> None:
         for mode in GRID_MODES:
             grid = generate(state.ema, samplers[mode], seed=cfg.seed, num=cfg.sample.grid_size, batch_size=cfg.sample.batch_size, mesh=mesh)
-            save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
+            if jax.process_index() == 0:
+                save_grid(grid, workdir / "samples" / f"{mode}_{at:07d}.png")
 
     fids: dict[str, float] = {}  # the latest evaluation, shown in the progress bar
 
@@ -278,7 +292,9 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
         """The latest checkpoint; with FID enabled and `with_fid`, first the FIDs (the final evaluation's
         modes and count when `final`), then the best per mode."""
         scores = evaluate_fid(at, final) if with_fid and evaluator is not None else {}
-        ckpt.save(at, state, counters={"skipped_total": skipped_total})
+        processes, per_process = distributed.layout()  # recorded, so that a resume on another layout says so
+        ckpt.save(at, state, counters={"skipped_total": skipped_total, "process_count": processes,
+                                       "devices_per_process": per_process})
         if state.phema is not None and at not in ckpt.steps("phema"):  # snapshots for post-hoc EMA, all kept
             ckpt.save_named("phema", at, state.phema)
         log.info("checkpoint saved at step %d", at)
@@ -290,13 +306,14 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
     start_step = step
     n = cfg.steps_per_call
-    loader = data_lib.BatchLoader(
+    loader = (device_data.IndexLoader(len(images), batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+              if on_device else data_lib.BatchLoader(
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
         process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    ))
     stop = StopSignal()
     interval: list[dict] = []
-    fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
     busy, timed = 0.0, 0  # seconds in training calls since the last log line (not sampling, saving or the
     # first call's compilation), and the updates they made
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
@@ -309,7 +326,7 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
             host_batch = next(loader)
             if fault_nan_step is not None and step <= fault_nan_step < step + n:
                 host_batch[fault_nan_step - step] = np.nan  # fault injection (SCGCM_FAULT_NAN_STEP), for tests
-            batch = global_batch(host_batch, mesh)
+            batch = jax.tree_util.tree_map(lambda a: global_batch(a, mesh), host_batch)  # images, or (indices, flips)
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
             if launched is not None:  # once per process: what a researcher waits for before training starts
@@ -349,10 +366,11 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
                 save_grids(step)
             if step % cfg.saving_step < n and step < end:
                 save_checkpoint(step, with_fid=True)
-            if stop.signum is not None:
+            signum = distributed.max_over_processes(stop.signum or 0)  # all processes stop at the same step
+            if signum:
                 save_checkpoint(step)
-                log.info("stopped by %s at step %d", signal.Signals(stop.signum).name, step)
-                return 128 + stop.signum
+                log.info("stopped by %s at step %d", signal.Signals(signum).name, step)
+                return 128 + signum
         save_checkpoint(step, with_fid=step > start_step, final=step >= cfg.total_steps)
         if step >= cfg.total_steps and cfg.sample.final_sampling:
             bar.close()
@@ -386,12 +404,13 @@ def final_sampling(cfg: TrainConfig, workdir: Path, log, stop: StopSignal, state
     log.info("final sampling: %d one-step images", cfg.sample.final_num)
     samples = generate(state.ema, sampler, seed=cfg.seed, num=cfg.sample.final_num,
                        batch_size=cfg.sample.batch_size, mesh=mesh, progress=True)
-    out.parent.mkdir(exist_ok=True)  # no grid may have been written yet
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as f:  # renamed when complete: a kill never leaves half a file
-        np.savez_compressed(f, images=samples)
-    os.replace(tmp, out)
-    save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
+    if jax.process_index() == 0:  # every process holds all the samples; one writes them
+        out.parent.mkdir(exist_ok=True)  # no grid may have been written yet
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("wb") as f:  # renamed when complete: a kill never leaves half a file
+            np.savez_compressed(f, images=samples)
+        os.replace(tmp, out)
+        save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
     log.info("final samples: %s", out)
     if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
         log.info("final %s (onestep, seed %d): %s", fid_lib.fid_label(len(samples)), cfg.seed,
@@ -426,7 +445,8 @@ def parse(argv: list[str]) -> TrainConfig:
 def run(argv: list[str]) -> int:
     """The CLI; bad input raises UserError (see `main`)."""
     cfg = with_variant_workdir(parse(argv))
-    initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    distributed.initialize(cfg.distributed, cfg.coordinator, cfg.num_processes, cfg.process_id,
+                           init_timeout=cfg.distributed_timeout, heartbeat_timeout=cfg.heartbeat_timeout)
     errors = validate_config(cfg, num_devices=jax.device_count())
     if errors:
         for e in errors:
@@ -436,8 +456,19 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug)."""
-    return run_cli(run, argv)
+    """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug).
+    In a multi-process run a failed process leaves at once (`distributed.exit_now`); a stop on a signal,
+    agreed by all processes at the same step, ends normally."""
+    try:
+        code = run_cli(run, argv)
+    except BaseException:
+        if not distributed.joined():
+            raise
+        traceback.print_exc()
+        code = 1
+    if code not in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT) and distributed.joined():
+        distributed.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,339 @@
+"""Several processes for real (issue 13): two processes × 4 CPU devices joined by jax.distributed on a
+localhost port, against one process × 8 devices, and a run moving between the two layouts.
+
+The reference (1 × 8) makes 6 updates of the micro model: checkpoints at 2, 4, 6; grids at 4; FID of
+16 one-step samples at 2, 4 and at the end, through test_evaluate's cheap stand-in for Inception
+(`tests/multihost_worker.py` is the train CLI with that stand-in); 16 final samples. The two-process run
+resumes from the reference's checkpoint 2 (1 × 8 → 2 × 4) and gets SIGTERM in both processes during its
+first call: it stops at 4 with one checkpoint, whose weights, EMA, optimizer state, metrics, FID and
+grids match the reference's. That checkpoint resumed on 1 × 8 (2 × 4 → 1 × 8) ends with the
+reference's weights, FID and final samples. Restarted on 2 × 4, a kill -9 of process 1 stops process 0.
+
+Cost: every process compiles its own programs (JAX's cache serves only process 0, and the other CPU
+processes cannot use its entries), so each two-process launch is a cold compile; the subprocesses run
+XLA's CPU backend without its expensive optimisations (FAST_XLA), ~40% less compile time here.
+
+Tolerance: float32 runs that differ only in the order of the all-reduce (8 devices in one process or
+4 + 4 over gloo): weights, EMA and optimizer state to rtol 1e-5 / atol 1e-6, metrics to rtol 1e-5, FID
+to rtol 1e-4, sampled uint8 images to one level in at most 1% of the values (a weight difference of
+1e-6 can move a value across a rounding boundary). Measured (micro model): not bit-identical (about
+30% of the arrays are), largest absolute difference 4e-9 for 2 × 4 against 1 × 8 at step 4 and 2 × 4 → 1 × 8
+at step 6, 8e-9 for 2 × 4 → 1 × 1 at step 6 (checked once by hand: 1 × 1 is not in this file, for time);
+the sampled images and FIDs were identical.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+
+HEARTBEAT_S = 5  # --config.heartbeat-timeout of the fault test: the survivor must stop within it (+ margin)
+ARGS = [
+    "--config.preset", "smoke",
+    "--config.model.image-size", "8",
+    "--config.model.torso.ch-mult", "1",
+    "--config.model.torso.attn-resolutions",
+    "--config.model.head.channel-mult", "1",
+    "--config.model.head.attn-levels",
+    "--config.batch-size", "8",
+    "--config.steps-per-call", "2",
+    "--config.total-steps", "6",
+    "--config.saving-step", "2",
+    "--config.log-every", "2",
+    "--config.data.synthetic-size", "64",
+    "--config.sample.sampling-step", "4",
+    "--config.sample.grid-size", "16",
+    "--config.sample.batch-size", "16",
+    "--config.sample.heun-steps", "1",
+    "--config.sample.final-num", "16",
+    "--config.fid.enabled",
+    "--config.fid.num", "16",
+    "--config.fid.batch-size", "16",
+    "--config.fid.modes", "onestep",
+]
+WORKER = Path(__file__).parent / "multihost_worker.py"
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env(cache: Path, devices: int = 4, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_XLA}",
+            "SCGCM_CACHE": str(cache), **extra}
+
+
+class Process:
+    """A training process whose stderr is collected by a thread (readable while it runs)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.popen = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.popen.stderr), daemon=True)
+        self._reader.start()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        self.popen.wait(timeout)
+        self._reader.join(10)
+        return self.popen.returncode, self.stderr
+
+
+def launch(workdir: Path, cache: Path, *extra: str) -> list[Process]:
+    """Two processes × 4 devices: process 0 joins through the CLI flags, process 1 through the environment
+    variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+    address = f"localhost:{_port()}"
+    argv = [sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra]
+    flags = ["--config.coordinator", address, "--config.num-processes", "2", "--config.process-id", "0"]
+    variables = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    return [Process(argv + flags, _env(cache)), Process(argv, _env(cache, **variables))]
+
+
+def finish(procs: list[Process], timeout: float = 400) -> list[tuple[int, str]]:
+    try:
+        return [p.wait(timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.popen.kill()
+        raise
+
+
+def wait_for(procs: list[Process], condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for p in procs:
+            assert p.popen.poll() is None, p.stderr[-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def train_one_process(workdir: Path, cache: Path, *extra: str) -> Process:
+    """The same configuration in one process of 8 devices, with the same FID stand-in."""
+    return Process([sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra], _env(cache, devices=8))
+
+
+def copy_run(source: Path, target: Path, last_step: int) -> Path:
+    """A copy of a run directory whose latest checkpoint is `last_step` (later ones removed)."""
+    shutil.copytree(source, target)
+    for p in (target / "checkpoints" / "latest").iterdir():
+        if p.name.isdigit() and int(p.name) > last_step:
+            shutil.rmtree(p)
+    return target
+
+
+def metrics(workdir: Path) -> dict[int, dict]:
+    records = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records.setdefault(r["step"], {}).update(r)
+    return records
+
+
+def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    """The flat {path: array} dict of a checkpoint, read into host arrays whatever layout wrote it (orbax
+    refuses to restore arrays saved from another topology without a target)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / "latest",
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
+        saved = manager.item_metadata(step)
+        target = {k: np.zeros(m.shape, m.dtype) for k, m in getattr(saved, "tree", saved).items()}
+        return {k: np.asarray(v) for k, v in manager.restore(step, args=ocp.args.StandardRestore(target)).items()}
+
+
+def assert_same_state(run: Path, ref: Path, step: int) -> None:
+    a, b = checkpoint_arrays(run, step), checkpoint_arrays(ref, step)
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype.kind == "f":
+            np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=k)
+        elif not k.startswith("@"):  # step, key; the counters hold the layout
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_close_images(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and np.mean(diff > 0) <= 0.01, (diff.max(), np.mean(diff > 0))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("scgcm-cache")  # FID reference statistics of the stand-in
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache):
+    """1 × 8, steps 0 → 6."""
+    workdir = tmp_path_factory.mktemp("mh") / "ref"
+    code, err = train_one_process(workdir, cache).wait(600)
+    assert code == 0, err[-4000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_by_four(reference, tmp_path_factory, cache):
+    """2 × 4, resumed from the reference's checkpoint 2, SIGTERM to both processes during the first call
+    (once both have their signal handlers): (workdir, [(code, stderr)] per process)."""
+    workdir = copy_run(reference, tmp_path_factory.mktemp("mh") / "2x4", 2)
+    started = time.perf_counter()
+    procs = launch(workdir, cache)
+    wait_for(procs, lambda: all("kept on every device" in p.stderr for p in procs))  # the handlers follow at once;
+    time.sleep(1)  # process 1 then compiles for 10+ s
+    for p in procs:
+        p.popen.send_signal(signal.SIGTERM)
+    results = finish(procs)
+    print(f"two-process run: {time.perf_counter() - started:.1f} s")
+    return workdir, results
+
+
+@pytest.mark.multihost
+def test_sigterm_stops_both_processes_at_one_checkpoint(two_by_four):
+    run, [(code0, err0), (code1, err1)] = two_by_four
+    assert code0 == code1 == 128 + signal.SIGTERM, (err0[-3000:], err1[-3000:])
+    stopped = [line for line in (run / "log.txt").read_text().splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 1 and stopped[0].endswith("at step 4") and "[process 1] stopped by SIGTERM at step 4" in err1
+    assert sorted(int(p.name) for p in (run / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+@pytest.mark.multihost
+def test_two_processes_match_one_process(reference, two_by_four):
+    """Weights, EMA and optimizer state, metrics line, FID and grids at step 4 of 2 × 4 (resumed from
+    1 × 8's checkpoint 2) match the uninterrupted 1 × 8 run."""
+    run, _ = two_by_four
+    assert_same_state(run, reference, 4)
+    ours, ref = metrics(run), metrics(reference)
+    assert sorted(ours) == [2, 4] and sorted(ref) == [2, 4, 6]
+    for key in ("loss_ct", "loss_dsm", "grad_norm", "update_distance", "num_scales", "kimg", "skipped_total"):
+        np.testing.assert_allclose(ours[4][key], ref[4][key], rtol=RTOL, err_msg=key)
+    np.testing.assert_allclose(ours[4]["fid_onestep"], ref[4]["fid_onestep"], rtol=1e-4)
+    for name in ("onestep_0000004.png", "heun_0000004.png"):
+        assert_close_images(np.asarray(Image.open(run / "samples" / name)), np.asarray(Image.open(reference / "samples" / name)))
+    assert (run / "fid.png").is_file() and (run / "checkpoints" / "best_onestep").is_dir()
+
+
+@pytest.mark.multihost
+def test_only_process_zero_writes_and_the_layout_change_is_logged(two_by_four):
+    run, [(_, err0), (_, err1)] = two_by_four
+    log = (run / "log.txt").read_text()
+    assert "[process 1]" not in log  # process 1 prints on its stderr only, marked
+    assert "[process 1] resumed from" in err1 and "resumed from" in err0
+    assert "joining a multi-process run (process 1 of 2, coordinator localhost:" in err1  # from the variables
+    assert ("layout changed: the checkpoint of step 2 was written by 1 process × 8 devices, this run has "
+            "2 processes × 4 devices") in log
+    history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
+    assert [h["process_count"] for h in history] == [1, 2]  # one line per start, by process 0
+    assert len([line for line in (run / "metrics.jsonl").read_text().splitlines() if '"step": 4' in line]) == 2  # metrics + FID
+    assert "kept on every device" in log  # the on-device data path
+    counters = checkpoint_arrays(run, 4)
+    assert int(counters["@process_count"]) == 2 and int(counters["@devices_per_process"]) == 4
+
+
+@pytest.mark.multihost
+def test_two_process_checkpoint_resumes_on_one_process(reference, two_by_four, cache, tmp_path):
+    """2 × 4's checkpoint 4, resumed on 1 × 8, ends with the uninterrupted run's weights, FID and samples."""
+    workdir = copy_run(two_by_four[0], tmp_path / "to1x8", 4)
+    code, err = train_one_process(workdir, cache).wait(600)
+    assert code == 0, err[-4000:]
+    assert_same_state(workdir, reference, 6)
+    np.testing.assert_allclose(metrics(workdir)[6]["fid_onestep"], metrics(reference)[6]["fid_onestep"], rtol=1e-4)
+    with np.load(workdir / "samples" / "final_onestep.npz") as a, np.load(reference / "samples" / "final_onestep.npz") as b:
+        assert_close_images(a["images"], b["images"])
+    assert ("layout changed: the checkpoint of step 4 was written by 2 processes × 4 devices, this run has "
+            "1 process × 8 devices") in (workdir / "log.txt").read_text()
+
+
+@pytest.mark.multihost
+def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
+    """Both processes restarted resume from the SIGTERM checkpoint; kill -9 of process 1 then stops
+    process 0 within the heartbeat timeout, with a non-zero code."""
+    workdir = copy_run(two_by_four[0], tmp_path / "kill", 4)
+    procs = launch(workdir, cache, "--config.heartbeat-timeout", str(HEARTBEAT_S))
+    wait_for(procs, lambda: all("resumed from" in p.stderr for p in procs))
+    time.sleep(1)
+    procs[1].popen.kill()
+    killed = time.perf_counter()
+    code0, err0 = finish(procs[:1], timeout=HEARTBEAT_S + 60)[0]
+    waited = time.perf_counter() - killed
+    procs[1].wait(10)
+    assert code0 != 0 and waited < HEARTBEAT_S + 15, (code0, waited, err0[-3000:])
+    assert "stopped sending heartbeats" in err0, err0[-3000:]
+    print(f"process 0 stopped {waited:.1f} s after process 1 was killed (heartbeat timeout {HEARTBEAT_S} s)")
+
+
+def test_on_device_batches_equal_host_batches():
+    """device_data.gather_batch of IndexLoader's (indices, flips) is BatchLoader's batch, bit for bit, for
+    every process's rows, across an epoch boundary."""
+    from scgcm import data, device_data
+
+    images = data.synthetic_images(20, image_size=8, seed=3)
+    gather = jax.jit(device_data.gather_batch)
+    for process in (0, 1):
+        host = data.BatchLoader(images, batch_size=8, seed=5, start_step=1, steps_per_call=3,
+                                process_index=process, process_count=2)
+        index = device_data.IndexLoader(len(images), batch_size=8, seed=5, start_step=1, steps_per_call=3,
+                                        process_index=process, process_count=2)
+        try:
+            for _ in range(2):
+                expected, (indices, flips) = next(host), next(index)
+                assert indices.shape == flips.shape == (3, 4) and flips.any() and not flips.all()
+                np.testing.assert_array_equal(np.asarray(gather(images, indices, flips)), expected)
+        finally:
+            host.close()
+    assert device_data.fits(images, 1.0) and not device_data.fits(images, 0.0)
+    assert not device_data.fits(np.zeros((1024, 1024, 1024), np.uint8)[:1], 1e-3)
+
+
+def test_when_to_join():
+    """`distributed_args`: flags first, then JAX_* variables, then a scheduler's environment (JAX detects the
+    rest); nothing for a single process; 'on' always, 'off' never."""
+    from scgcm.distributed import distributed_args
+
+    assert distributed_args("auto", None, None, None, env={}) is None
+    assert distributed_args("auto", "h:1", 2, 0, env={}) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
+    env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed_args("auto", None, None, None, env=env) == {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}
+    assert distributed_args("auto", "h:1", None, 1, env=env)["coordinator_address"] == "h:1"  # a flag wins
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+    unset = {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert distributed_args("auto", None, None, None, env=slurm) == unset  # JAX reads SLURM_* itself
+    assert distributed_args("auto", None, None, None, env={**slurm, "SLURM_NTASKS": "1"}) is None
+    assert distributed_args("auto", None, None, None, env={"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == unset
+    assert distributed_args("auto", None, None, None, env={"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert distributed_args("on", None, None, None, env={}) == unset  # a TPU pod slice: the metadata server
+    assert distributed_args("off", "h:1", 2, 0, env=env) is None
+
+
+def test_missing_coordinator_is_one_line(capsys):
+    """A process other than 0 whose coordinator never answers: a one-line UserError after the timeout."""
+    from scgcm import distributed
+    from scgcm.errors import UserError
+
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"process 1 of 2, coordinator localhost:\d+\): nothing answered at localhost:\d+ "
+                                        r"within --config.distributed-timeout 1 s"):
+        distributed.initialize("auto", f"localhost:{_port()}", 2, 1, init_timeout=1)
+    assert time.perf_counter() - start < 5 and "waiting up to 1 s for every process" in capsys.readouterr().err
+    assert not jax.distributed.is_initialized()
