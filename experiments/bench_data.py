@@ -10,14 +10,17 @@ Per call of `steps_per_call` updates of a global batch `batch_size` from N uint8
   conversion to float32 channel-first) plus the transfer of that float32 batch to the device
   (`parallel.global_batch` and block_until_ready). The thread hides it from the training loop only
   while it has a core of its own and the host-to-device copy overlaps the step.
-- on the device (`device_data`): the host's part, `IndexLoader` (the same `data.batch_indices`) plus the
-  transfer of the int32 indices and bool flips; and, apart, the device time of the jitted gather,
-  mirror and conversion (`gather_batch`), which moves into the step.
+- on the device (`device_data`): the host sends nothing; each device computes its rows' images and flips
+  from the step counter (`scgcm.order`, the host loader's own function) inside the step. The host's part
+  is at most the dispatch of that work, timed here as the dispatch of `draw_batch` alone (in training it
+  is part of the step's own dispatch); and, apart, the device time of `draw_batch` (order, gather,
+  mirror, conversion), which moves into the step.
 
 The median of `--calls` calls after `--warmup`; the baseline is the host loader, measured in the same run.
 """
 
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tyro
 
@@ -74,15 +78,14 @@ def main(args: Args) -> dict:
     finally:
         host.close()
 
-    index = device_data.IndexLoader(len(images), **kwargs)
-    put = lambda: [global_batch(a, mesh).block_until_ready() for a in next(index)]
-    device_host_s = _median_seconds(put, args.calls, args.warmup)
-
     resident = replicate(images, mesh)
-    gather = jax.jit(device_data.gather_batch)
-    batches = [tuple(global_batch(a, mesh) for a in next(index)) for _ in range(args.calls + args.warmup)]
-    it = iter(batches)
-    gather_s = _median_seconds(lambda: gather(resident, *next(it)).block_until_ready(), args.calls, args.warmup)
+    draw = jax.jit(functools.partial(device_data.draw_batch, steps=args.steps_per_call, seed=42, batch_size=args.batch_size))
+    rows = jnp.arange(args.batch_size, dtype=jnp.int32)
+    steps = iter(range(0, 10**9, args.steps_per_call))
+    pending = []
+    device_host_s = _median_seconds(lambda: pending.append(draw(resident, jnp.int32(next(steps)), rows)), args.calls, args.warmup)
+    jax.block_until_ready(pending)
+    gather_s = _median_seconds(lambda: draw(resident, jnp.int32(next(steps)), rows).block_until_ready(), args.calls, args.warmup)
 
     row = {
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}",
@@ -91,7 +94,7 @@ def main(args: Args) -> dict:
         "host_loader_ms": 1e3 * host_s, "on_device_host_ms": 1e3 * device_host_s, "gather_on_device_ms": 1e3 * gather_s,
         "host_ratio": host_s / device_host_s,
         "bytes_per_call_host_loader": args.batch_size * args.steps_per_call * 3 * 32 * 32 * 4,
-        "bytes_per_call_on_device": args.batch_size * args.steps_per_call * 5,
+        "bytes_per_call_on_device": 0,
     }
     print(row)
     if args.results:
@@ -103,10 +106,10 @@ def append(results: Path, row: dict, command: str) -> None:
     table = (
         f"\n`{command}` ({row['date']}, {row['device']}; {row['images']:,} images of 32×32×3, global batch "
         f"{row['batch']}, {row['steps_per_call']} updates a call; median of the timed calls):\n\n"
-        "| path | host time per call | sent to the device per call | device time of the gather |\n|---|---|---|---|\n"
+        "| path | host time per call | sent to the device per call | device time of the draw |\n|---|---|---|---|\n"
         f"| host loader (baseline) | {row['host_loader_ms']:.1f} ms | {row['bytes_per_call_host_loader'] / 2**20:.1f} MiB float32 | — |\n"
-        f"| data on the device | {row['on_device_host_ms']:.2f} ms ({row['host_ratio']:.0f}× less) | "
-        f"{row['bytes_per_call_on_device'] / 2**10:.0f} KiB indices + flips | {row['gather_on_device_ms']:.1f} ms |\n"
+        f"| data on the device | {row['on_device_host_ms']:.3f} ms dispatch ({row['host_ratio']:.0f}× less) | "
+        f"nothing | {row['gather_on_device_ms']:.1f} ms |\n"
     )
     text = results.read_text() if results.exists() else "# Results\n"
     if SECTION not in text:

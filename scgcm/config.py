@@ -193,7 +193,7 @@ class TrainConfig:
     """Rematerialise torso blocks in the backward pass (less memory, more compute)."""
     device_data_mb: float = 1024.0
     """Keep the training set on every device when its uint8 images take at most this many MiB (CIFAR-10: 147);
-    each call's images are then gathered inside the jitted step (same batches); 0: always the host loader."""
+    each call's images are then drawn inside the jitted step (the same batches); 0: always the host loader."""
     compile_cache: str = "auto"
     """XLA's persistent compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/scgcm/xla),
     a folder, or 'off'. A resumed run, or a rerun of the same configuration, then skips most compilation."""

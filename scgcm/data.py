@@ -7,7 +7,6 @@ would have seen; `BatchLoader` turns those into float32 [steps, b, c, h, w] in [
 background thread. NHWC exists only here: everything downstream sees `c h w`.
 """
 
-import functools
 import hashlib
 import os
 import pickle
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scgcm import order
 from scgcm.errors import UserError
 from scgcm.images import ImageArrayError, as_nhwc_uint8, read_npz
 
@@ -295,30 +295,17 @@ def synthetic_images(num: int, *, image_size: int = 32, channels: int = 3, seed:
 # ----------------------------------------------------------------------------- batches
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, num_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Epoch `epoch`'s permutation and its per-position flips, both drawn from default_rng([seed, epoch])."""
-    rng = np.random.default_rng([seed, epoch])
-    order, flips = rng.permutation(num_images), rng.random(num_images) < 0.5
-    order.flags.writeable = flips.flags.writeable = False
-    return order, flips
-
-
 def batch_indices(step: int, *, batch_size: int, num_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image indices, flip flags) of global batch `step`: example g = step·B + j sits at position
-    g mod N of epoch g // N, whose order is default_rng([seed, epoch]).permutation(N)."""
+    """(image indices, flip flags) of global batch `step`: example g = step·B + j is position g mod N of
+    epoch g // N, in the order of `scgcm.order` (which the devices compute alike, `device_data`)."""
     if step < 0 or batch_size <= 0 or num_images <= 0 or seed < 0:
         raise DataError(
             f"batch_indices needs step, seed >= 0 and batch_size, num_images > 0, got {step}, {seed}, "
             f"{batch_size}, {num_images}"
         )
-    epoch, position = np.divmod(step * batch_size + np.arange(batch_size), num_images)
-    indices, flips = np.empty(batch_size, np.int64), np.empty(batch_size, bool)
-    for e in range(int(epoch[0]), int(epoch[-1]) + 1):
-        rows = epoch == e
-        order, flip = _epoch_order(seed, e, num_images)
-        indices[rows], flips[rows] = order[position[rows]], flip[position[rows]]
-    return indices, flips
+    indices, flips = order.examples(seed, np.int64(step), np.arange(batch_size, dtype=np.int64),
+                                    batch_size=batch_size, num_images=num_images)
+    return indices.astype(np.int64), flips
 
 
 def to_model_range(images_u8: np.ndarray) -> np.ndarray:

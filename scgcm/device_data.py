@@ -1,19 +1,19 @@
-"""The training set kept on the devices: each call's batches are gathered inside the jitted step.
+"""The training set kept on the devices: each call's batches are drawn inside the jitted step.
 
 When the uint8 images fit in a per-device budget (CIFAR-10's 50,000 × 32 × 32 × 3 are 147 MiB), every
-device holds them all, and the host sends only each call's image indices and flip flags, 5 bytes an
-example instead of a 12 KiB float32 image: `data.batch_indices`, the host loader's own pure function of
-(seed, step, example index), picks them, so the batches are exactly the host loader's. The gather, the
-mirror and the conversion to [-1, 1] (`gather_batch`) run on the device, the conversion through a
-table of the host loader's 256 values, so the images are bit-identical. Otherwise (or with the fault
-injection of tests) the host loader (`data.BatchLoader`) is used.
+device holds them all and the host sends nothing per call: each device computes its rows' image indices
+and flips from the step counter with `scgcm.order` (the host loader's own pure function of seed, step and
+example index), gathers, mirrors and converts them to [-1, 1] (`draw_batch`), the conversion through a
+table of the host loader's 256 values, so the images are bit-identical to `data.BatchLoader`'s.
+Otherwise (or with the fault injection of tests) the host loader is used.
 """
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-from scgcm.data import DataError, batch_indices, to_model_range
+from scgcm import order
+from scgcm.data import to_model_range
 
 
 # The 256 float32 values of `data.to_model_range` (x / 127.5 − 1, rounded as numpy does), looked up on the
@@ -21,9 +21,11 @@ from scgcm.data import DataError, batch_indices, to_model_range
 LEVELS = to_model_range(np.arange(256, dtype=np.uint8).reshape(256, 1, 1, 1))[:, 0, 0, 0]
 
 
-def fits(images: np.ndarray, budget_mb: float) -> bool:
-    """Whether the uint8 images take at most `budget_mb` MiB (each device holds a full copy)."""
-    return budget_mb > 0 and images.nbytes <= budget_mb * 2**20
+def fits(images: np.ndarray, budget_mb: float, batch_size: int = 1) -> bool:
+    """Whether the uint8 images take at most `budget_mb` MiB (each device holds a full copy), and the
+    device's int32 arithmetic can number the examples (N·B < 2^31, `order.examples`)."""
+    small = len(images) * batch_size < order.MAX_ROWS_TIMES_IMAGES
+    return budget_mb > 0 and images.nbytes <= budget_mb * 2**20 and small
 
 
 def gather_batch(
@@ -36,29 +38,12 @@ def gather_batch(
     return jnp.moveaxis(jnp.asarray(LEVELS)[x], -1, -3)
 
 
-class IndexLoader:
-    """Endless iterator of (indices int32, flips bool), each [steps_per_call, batch_size/process_count]:
-    item k covers global steps start_step + k·steps_per_call + s, this process's rows [p·b, (p+1)·b)
-    of each global batch, exactly the examples `data.BatchLoader` would load."""
-
-    def __init__(self, num_images: int, *, batch_size: int, seed: int, start_step: int = 0, steps_per_call: int = 1,
-                 process_index: int = 0, process_count: int = 1):
-        if batch_size < 1 or process_count < 1 or batch_size % process_count:
-            raise DataError(f"batch_size {batch_size} must be a positive multiple of the process count {process_count}")
-        self._num, self._batch_size, self._seed = num_images, batch_size, seed
-        self._step, self._steps_per_call = start_step, steps_per_call
-        local = batch_size // process_count
-        self._rows = slice(process_index * local, (process_index + 1) * local)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        picks = [batch_indices(self._step + s, batch_size=self._batch_size, num_images=self._num, seed=self._seed)
-                 for s in range(self._steps_per_call)]
-        self._step += self._steps_per_call
-        return (np.stack([i[self._rows] for i, _ in picks]).astype(np.int32),
-                np.stack([f[self._rows] for _, f in picks]))
-
-    def close(self) -> None:
-        pass
+def draw_batch(
+    images: UInt8[Array, "n h w c"], first_step: Int[Array, ""], rows: Int[Array, " b"], *, steps: int, seed: int,
+    batch_size: int,
+) -> Float[Array, "{steps} b c h w"]:
+    """Rows `rows` of global batches first_step, …, first_step + steps − 1, drawn on the device: the images
+    and flips of `order.examples` (what `data.BatchLoader` loads on the host), gathered by `gather_batch`."""
+    step = first_step + jnp.arange(steps, dtype=jnp.int32)[:, None]
+    indices, flips = order.examples(seed, step, rows[None, :], batch_size=batch_size, num_images=images.shape[0], xp=jnp)
+    return gather_batch(images, indices.astype(jnp.int32), flips)

@@ -7,10 +7,11 @@ Each host passes only its rows of the global batch; `global_batch` assembles the
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from scgcm.device_data import gather_batch
+from scgcm.device_data import draw_batch
 from scgcm.state import TrainState
 from scgcm.step import train_steps
 
@@ -58,10 +59,12 @@ def global_batch(local: np.ndarray, mesh: Mesh, batch_axis: int = 1) -> jax.Arra
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
 
 
-def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | None = None, **step_kwargs):
+def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | None = None, seed: int = 0,
+                  batch_size: int = 0, steps_per_call: int = 1, **step_kwargs):
     """A jitted `(state, batch) -> (state, metrics)` running `train_steps` under shard_map; `batch` is the
-    global float32 images [n, B, c, h, w], or with `dataset` (uint8 [N, h, w, c] replicated on the mesh,
-    `device_data`) the global (indices, flips), each [n, B], of the images to gather on the devices.
+    global float32 images [n, B, c, h, w]. With `dataset` (uint8 [N, h, w, c] replicated on the mesh,
+    `device_data`) `batch` is None: each device draws its rows of the next `steps_per_call` global batches
+    of `batch_size` from `seed` and the state's step counter, as the host loader would.
 
     The state's buffers are donated: the caller must use the returned state.
     """
@@ -84,13 +87,25 @@ def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | No
 
         return run
 
-    gathered = lambda arrays, images, indices, flips: per_device(arrays, gather_batch(images, indices, flips))
-    sharded = jax.shard_map(gathered, mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P(None, AXIS)), out_specs=(P(), P()))
+    if batch_size % mesh.size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {mesh.size} devices")
+    local = batch_size // mesh.size
+
+    def drawn(arrays, images):
+        rows = jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
+        batch = draw_batch(images, arrays.step, rows, steps=steps_per_call, seed=seed, batch_size=batch_size)
+        return per_device(arrays, batch)
+
+    sharded = jax.shard_map(drawn, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))
 
     @eqx.filter_jit(donate="all-except-first")  # the dataset is an argument (not a constant) and is kept
-    def run_gathered(images: jax.Array, state: TrainState, indices: jax.Array, flips: jax.Array):
+    def run_drawn(images: jax.Array, state: TrainState):
         arrays, _ = eqx.partition(state, eqx.is_array)
-        arrays, metrics = sharded(arrays, images, indices, flips)
+        arrays, metrics = sharded(arrays, images)
         return eqx.combine(arrays, static), metrics
 
-    return lambda state, batch: run_gathered(dataset, state, *batch)
+    def run_on_device(state: TrainState, batch: None = None):
+        assert batch is None, "the batches are drawn on the devices"
+        return run_drawn(dataset, state)
+
+    return run_on_device

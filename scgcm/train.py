@@ -230,14 +230,15 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
     state = replicate(state, mesh)
     fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
-    on_device = device_data.fits(images, cfg.device_data_mb) and fault_nan_step is None  # faults go in host batches
+    on_device = device_data.fits(images, cfg.device_data_mb, cfg.batch_size) and fault_nan_step is None  # faults: host batches
     log.info("data: %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
-             "kept on every device, batches gathered in the step" if on_device else "host loader",
+             "kept on every device, batches drawn in the step" if on_device else "host loader",
              images.nbytes / 2**20, cfg.device_data_mb)
 
     schedule = build_schedule(cfg)
     train_fn = make_train_fn(
-        mesh, state, dataset=replicate(images, mesh) if on_device else None,
+        mesh, state, dataset=replicate(images, mesh) if on_device else None, seed=cfg.seed, batch_size=cfg.batch_size,
+        steps_per_call=cfg.steps_per_call,
         optim=optim, schedule=schedule, loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
         phema_gammas=tuple(sigma_rel_to_gamma(s) for s in cfg.phema_sigma_rels) if cfg.phema else (),
@@ -306,12 +307,10 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     end = min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
     start_step = step
     n = cfg.steps_per_call
-    loader = (device_data.IndexLoader(len(images), batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-              if on_device else data_lib.BatchLoader(
+    loader = None if on_device else data_lib.BatchLoader(
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
         process_index=jax.process_index(), process_count=jax.process_count(),
-    ))
+    )
     stop = StopSignal()
     interval: list[dict] = []
     busy, timed = 0.0, 0  # seconds in training calls since the last log line (not sampling, saving or the
@@ -323,10 +322,12 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
             evaluate_fid(0)  # the untrained model: the baseline of every later FID
         while step < end:
             started = time.perf_counter()
-            host_batch = next(loader)
-            if fault_nan_step is not None and step <= fault_nan_step < step + n:
-                host_batch[fault_nan_step - step] = np.nan  # fault injection (SCGCM_FAULT_NAN_STEP), for tests
-            batch = jax.tree_util.tree_map(lambda a: global_batch(a, mesh), host_batch)  # images, or (indices, flips)
+            batch = None  # drawn on the devices
+            if loader is not None:
+                host_batch = next(loader)
+                if fault_nan_step is not None and step <= fault_nan_step < step + n:
+                    host_batch[fault_nan_step - step] = np.nan  # fault injection (SCGCM_FAULT_NAN_STEP), for tests
+                batch = global_batch(host_batch, mesh)
             state, metrics = train_fn(state, batch)
             metrics = jax.device_get(metrics)
             if launched is not None:  # once per process: what a researcher waits for before training starts
@@ -381,7 +382,8 @@ def _run(cfg, workdir, log, launched, extractor, optim, ckpt, restored, shape) -
     finally:
         stop.restore()
         bar.close()
-        loader.close()
+        if loader is not None:
+            loader.close()
         metrics_log.close()
     return code
 

@@ -10,9 +10,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cli import FAST_XLA  # noqa: E402 (imports no JAX)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_cpu_enable_xprof_traceme=true"
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count=8 --xla_cpu_enable_xprof_traceme=true {FAST_XLA}"
 ).strip()
 # One cache for the whole run: pytest-xdist's workers inherit the controller's environment, so they
 # and every training subprocess share it (a program compiled by one is read by the others).

@@ -23,7 +23,7 @@ def test_smoke_run_outputs(smoke_run):
     for mode in ("onestep", "heun"):
         assert (smoke_run / "samples" / f"{mode}_0000004.png").exists()
     final = np.load(smoke_run / "samples" / "final_onestep.npz")["images"]
-    assert final.shape == (8, 16, 16, 3) and final.dtype == np.uint8
+    assert final.shape == (8, 8, 8, 3) and final.dtype == np.uint8
     config = json.loads((smoke_run / "config.json").read_text())
     assert config["config"]["total_steps"] == 8 and "jax_version" in config
     log = (smoke_run / "log.txt").read_text()
@@ -79,7 +79,7 @@ def sample(smoke_run, tmp_path_factory):
 ])
 def test_sampler_modes(sample, mode, args):
     images = sample(mode, "--mode", mode, *args)
-    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
     assert images.std() > 0
 
 

@@ -182,14 +182,14 @@ def test_interpolation_ends_are_one_step_samples():
 
 
 @pytest.fixture(scope="module")
-def inputs16(tmp_path_factory):
+def inputs8(tmp_path_factory):
     from scgcm.data import synthetic_images
 
     folder = tmp_path_factory.mktemp("edit-inputs")
-    np.savez(folder / "four.npz", images=synthetic_images(4, image_size=16, seed=3))
-    np.savez(folder / "small.npz", images=synthetic_images(4, image_size=8, seed=3))
-    np.savez(folder / "gray.npz", images=synthetic_images(4, image_size=16, seed=3)[..., :1])
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "mask8.png")
+    np.savez(folder / "four.npz", images=synthetic_images(4, image_size=8, seed=3))  # the runs' size
+    np.savez(folder / "small.npz", images=synthetic_images(4, image_size=4, seed=3))
+    np.savez(folder / "gray.npz", images=synthetic_images(4, image_size=8, seed=3)[..., :1])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "mask4.png")
     return folder
 
 
@@ -200,19 +200,19 @@ def _cli(argv):
     return run_cli(main, [str(a) for a in argv])
 
 
-def test_cli_writes_npz_and_grid(smoke_run, inputs16, tmp_path):
+def test_cli_writes_npz_and_grid(smoke_run, inputs8, tmp_path):
     out = tmp_path / "edited.npz"
-    rc = _cli(["--workdir", smoke_run, "--task", "inpaint", "--input", inputs16 / "four.npz", "--index", "3", "1",
+    rc = _cli(["--workdir", smoke_run, "--task", "inpaint", "--input", inputs8 / "four.npz", "--index", "3", "1",
                "--mask", "left", "--seed", "2", "--out", out, "--grid", tmp_path / "grid.png"])
     assert rc == 0
     with np.load(out) as f:
         images, inputs, given, index = f["images"], f["inputs"], f["given"], f["index"]
-    with np.load(inputs16 / "four.npz") as f:
+    with np.load(inputs8 / "four.npz") as f:
         np.testing.assert_array_equal(inputs, f["images"][[3, 1]])
-    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and list(index) == [3, 1]
-    np.testing.assert_array_equal(images[:, :, 8:], inputs[:, :, 8:])  # the known right half, exactly
-    assert (given[:, :, :8] == 128).all()  # the missing half is shown as zeros (mid-gray)
-    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and list(index) == [3, 1]
+    np.testing.assert_array_equal(images[:, :, 4:], inputs[:, :, 4:])  # the known right half, exactly
+    assert (given[:, :, :4] == 128).all()  # the missing half is shown as zeros (mid-gray)
+    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)
 
 
 BAD = [
@@ -220,7 +220,7 @@ BAD = [
     (["--task", "inpaint"], "--input"),
     (["--task", "inpaint", "--input", "{in}/small.npz"], "--input"),
     (["--task", "colorize", "--input", "{in}/gray.npz"], "--input"),
-    (["--task", "inpaint", "--input", "{in}/four.npz", "--num", "2", "--mask", "{in}/mask8.png"], "--mask"),
+    (["--task", "inpaint", "--input", "{in}/four.npz", "--num", "2", "--mask", "{in}/mask4.png"], "--mask"),
     (["--task", "inpaint", "--input", "{in}/four.npz", "--mask", "blob"], "--mask"),
     (["--task", "inpaint", "--input", "{in}/four.npz", "--mask", "random", "--mask-rate", "1.5"], "--mask-rate"),
     (["--task", "superres", "--input", "{in}/four.npz", "--factor", "3"], "--factor"),
@@ -235,7 +235,7 @@ BAD = [
 ]
 
 
-def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs16, tmp_path, monkeypatch, capsys):
+def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs8, tmp_path, monkeypatch, capsys):
     import scgcm.edit_cli as cli
 
     def no_model(*a, **k):
@@ -243,7 +243,7 @@ def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs16, tmp
 
     monkeypatch.setattr(cli, "load_state", no_model)
     for argv, flag in BAD:
-        argv = [a.format(tmp=tmp_path, **{"in": inputs16}) for a in argv]
+        argv = [a.format(tmp=tmp_path, **{"in": inputs8}) for a in argv]
         if "--workdir" not in argv:
             argv = ["--workdir", str(smoke_run), *argv]
         assert _cli(argv) == 2, argv

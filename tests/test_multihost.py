@@ -1,29 +1,37 @@
 """Several processes for real (issue 13): two processes × 4 CPU devices joined by jax.distributed on a
-localhost port, against one process × 8 devices, and a run moving between the two layouts.
+localhost port, against one process × 8 devices and one process × 1 device, and a run moving between them.
 
-The reference (1 × 8) makes 6 updates of the micro model: checkpoints at 2, 4, 6; grids at 4; FID of
-16 one-step samples at 2, 4 and at the end, through test_evaluate's cheap stand-in for Inception
-(`tests/multihost_worker.py` is the train CLI with that stand-in); 16 final samples. The two-process run
-resumes from the reference's checkpoint 2 (1 × 8 → 2 × 4) and gets SIGTERM in both processes during its
-first call: it stops at 4 with one checkpoint, whose weights, EMA, optimizer state, metrics, FID and
-grids match the reference's. That checkpoint resumed on 1 × 8 (2 × 4 → 1 × 8) ends with the
-reference's weights, FID and final samples. Restarted on 2 × 4, a kill -9 of process 1 stops process 0.
+The reference (1 × 8) makes 8 updates of the micro model: checkpoints at 2, 4, 6, 8; grids at 4 and 8; FID
+of 16 one-step samples at every checkpoint, through test_evaluate's cheap stand-in for Inception
+(`tests/multihost_worker.py` is the train CLI with that stand-in); 16 final samples and their FID. Then a
+chain of runs, each resumed from the one before on another layout:
+
+- 1 × 8 → 2 × 4: resumed from the reference's checkpoint 2, SIGTERM to both processes during the first
+  call: it stops at 4 with one checkpoint, whose weights, EMA, optimizer state, metrics, FID and grids
+  match the reference's;
+- 2 × 4 → 1 × 1: that checkpoint resumed on one device runs to the end (6, 8): the reference's weights,
+  FIDs and final samples;
+- 1 × 1 → 2 × 4: its checkpoint 6 resumed on two processes runs to the end: final sampling and final
+  FID across both processes, again the reference's;
+- 2 × 4 → 1 × 8: checkpoint 4 resumed on 1 × 8 runs to the end, the same;
+- restarted on 2 × 4 from checkpoint 4, a kill -9 of process 1 stops process 0.
 
 Cost: every process compiles its own programs (JAX's cache serves only process 0, and the other CPU
-processes cannot use its entries), so each two-process launch is a cold compile; the subprocesses run
-XLA's CPU backend without its expensive optimisations (FAST_XLA), ~40% less compile time here.
+processes cannot use its entries), so each two-process launch is a cold compile for process 1; the
+subprocesses run XLA's CPU backend without its expensive optimisations (FAST_XLA), ~40% less compile time.
 
-Tolerance: float32 runs that differ only in the order of the all-reduce (8 devices in one process or
-4 + 4 over gloo): weights, EMA and optimizer state to rtol 1e-5 / atol 1e-6, metrics to rtol 1e-5, FID
-to rtol 1e-4, sampled uint8 images to one level in at most 1% of the values (a weight difference of
-1e-6 can move a value across a rounding boundary). Measured (micro model): not bit-identical (about
-30% of the arrays are), largest absolute difference 4e-9 for 2 × 4 against 1 × 8 at step 4 and 2 × 4 → 1 × 8
-at step 6, 8e-9 for 2 × 4 → 1 × 1 at step 6 (checked once by hand: 1 × 1 is not in this file, for time);
-the sampled images and FIDs were identical.
+Tolerance: float32 runs that differ only in the order of the all-reduce (8 devices in one process, 4 + 4
+over gloo, or one device summing all 8 rows): weights, EMA and optimizer state to rtol 1e-5 / atol 1e-6,
+metrics to rtol 1e-5, FID to rtol 1e-4, sampled uint8 images to one level in at most 1% of the values (a
+weight difference of 1e-6 can move a value across a rounding boundary). Measured (micro model): not
+bit-identical (about 30% of the arrays are), largest absolute difference 4e-9 for 2 × 4 against 1 × 8
+at step 4 and 2 × 4 → 1 × 8 at step 6, 8e-9 for 2 × 4 → 1 × 1 at step 6; the sampled images and FIDs
+were identical.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +46,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli import FAST_XLA
+
 
 HEARTBEAT_S = 5  # --config.heartbeat-timeout of the fault test: the survivor must stop within it (+ margin)
 ARGS = [
@@ -49,8 +59,9 @@ ARGS = [
     "--config.model.head.attn-levels",
     "--config.batch-size", "8",
     "--config.steps-per-call", "2",
-    "--config.total-steps", "6",
+    "--config.total-steps", "8",
     "--config.saving-step", "2",
+    "--config.keep-checkpoints", "4",
     "--config.log-every", "2",
     "--config.data.synthetic-size", "64",
     "--config.sample.sampling-step", "4",
@@ -73,7 +84,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _env(cache: Path, devices: int = 4, **extra: str) -> dict[str, str]:
@@ -129,9 +139,9 @@ def wait_for(procs: list[Process], condition, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def train_one_process(workdir: Path, cache: Path, *extra: str) -> Process:
-    """The same configuration in one process of 8 devices, with the same FID stand-in."""
-    return Process([sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra], _env(cache, devices=8))
+def train_one_process(workdir: Path, cache: Path, *extra: str, devices: int = 8) -> Process:
+    """The same configuration in one process of `devices` devices, with the same FID stand-in."""
+    return Process([sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra], _env(cache, devices=devices))
 
 
 def copy_run(source: Path, target: Path, last_step: int) -> Path:
@@ -186,7 +196,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
-    """1 × 8, steps 0 → 6."""
+    """1 × 8, steps 0 → 8."""
     workdir = tmp_path_factory.mktemp("mh") / "ref"
     code, err = train_one_process(workdir, cache).wait(600)
     assert code == 0, err[-4000:]
@@ -225,7 +235,7 @@ def test_two_processes_match_one_process(reference, two_by_four):
     run, _ = two_by_four
     assert_same_state(run, reference, 4)
     ours, ref = metrics(run), metrics(reference)
-    assert sorted(ours) == [2, 4] and sorted(ref) == [2, 4, 6]
+    assert sorted(ours) == [2, 4] and sorted(ref) == [2, 4, 6, 8]
     for key in ("loss_ct", "loss_dsm", "grad_norm", "update_distance", "num_scales", "kimg", "skipped_total"):
         np.testing.assert_allclose(ours[4][key], ref[4][key], rtol=RTOL, err_msg=key)
     np.testing.assert_allclose(ours[4]["fid_onestep"], ref[4]["fid_onestep"], rtol=1e-4)
@@ -251,18 +261,66 @@ def test_only_process_zero_writes_and_the_layout_change_is_logged(two_by_four):
     assert int(counters["@process_count"]) == 2 and int(counters["@devices_per_process"]) == 4
 
 
+def assert_same_ending(run: Path, reference: Path) -> None:
+    """Weights at the end, every FID of the run, and the final samples are the reference's."""
+    assert_same_state(run, reference, 8)
+    ours, ref = metrics(run), metrics(reference)
+    for step in ours:
+        if "fid_onestep" in ours[step]:
+            np.testing.assert_allclose(ours[step]["fid_onestep"], ref[step]["fid_onestep"], rtol=1e-4, err_msg=step)
+    assert "fid_onestep" in ours[8]
+    with np.load(run / "samples" / "final_onestep.npz") as a, np.load(reference / "samples" / "final_onestep.npz") as b:
+        assert_close_images(a["images"], b["images"])
+    final = [re.findall(r"final FID \(16 samples\) \(onestep, seed \d+\): onestep ([\d.]+)", (r / "log.txt").read_text())
+             for r in (run, reference)]
+    np.testing.assert_allclose(float(final[0][-1]), float(final[1][-1]), rtol=1e-4)  # the last start's
+
+
+def layout_change(step: int, before: str, after: str) -> str:
+    return f"layout changed: the checkpoint of step {step} was written by {before}, this run has {after}"
+
+
 @pytest.mark.multihost
 def test_two_process_checkpoint_resumes_on_one_process(reference, two_by_four, cache, tmp_path):
     """2 × 4's checkpoint 4, resumed on 1 × 8, ends with the uninterrupted run's weights, FID and samples."""
     workdir = copy_run(two_by_four[0], tmp_path / "to1x8", 4)
     code, err = train_one_process(workdir, cache).wait(600)
     assert code == 0, err[-4000:]
-    assert_same_state(workdir, reference, 6)
-    np.testing.assert_allclose(metrics(workdir)[6]["fid_onestep"], metrics(reference)[6]["fid_onestep"], rtol=1e-4)
-    with np.load(workdir / "samples" / "final_onestep.npz") as a, np.load(reference / "samples" / "final_onestep.npz") as b:
-        assert_close_images(a["images"], b["images"])
-    assert ("layout changed: the checkpoint of step 4 was written by 2 processes × 4 devices, this run has "
-            "1 process × 8 devices") in (workdir / "log.txt").read_text()
+    assert_same_ending(workdir, reference)
+    assert layout_change(4, "2 processes × 4 devices", "1 process × 8 devices") in (workdir / "log.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def one_by_one(two_by_four, cache, tmp_path_factory):
+    """2 × 4's checkpoint 4 resumed on one process with one device, to the end (checkpoints 6 and 8)."""
+    workdir = copy_run(two_by_four[0], tmp_path_factory.mktemp("mh") / "to1x1", 4)
+    code, err = train_one_process(workdir, cache, devices=1).wait(600)
+    assert code == 0, err[-4000:]
+    return workdir
+
+
+@pytest.mark.multihost
+def test_two_process_checkpoint_resumes_on_one_device(reference, one_by_one):
+    assert_same_ending(one_by_one, reference)
+    assert_same_state(one_by_one, reference, 6)
+    assert layout_change(4, "2 processes × 4 devices", "1 process × 1 device") in (one_by_one / "log.txt").read_text()
+
+
+@pytest.mark.multihost
+def test_one_device_checkpoint_resumes_on_two_processes(reference, one_by_one, cache, tmp_path):
+    """1 × 1's checkpoint 6 resumed on 2 × 4 runs to the end: training, final sampling and the final FID
+    across both processes give the reference's numbers; only process 0 writes."""
+    workdir = copy_run(one_by_one, tmp_path / "back", 6)
+    for name in ("final_onestep.npz", "final_onestep.png"):
+        (workdir / "samples" / name).unlink(missing_ok=True)  # written again, by process 0 alone
+    [(code0, err0), (code1, err1)] = finish(launch(workdir, cache), timeout=600)
+    assert code0 == code1 == 0, (err0[-3000:], err1[-3000:])
+    assert_same_ending(workdir, reference)
+    log = (workdir / "log.txt").read_text()
+    assert layout_change(6, "1 process × 1 device", "2 processes × 4 devices") in log and "[process 1]" not in log
+    assert log.count("final FID (16 samples)") == 3  # the copied logs' (reference, 1 × 1), then this run's
+    assert "[process 1]" in err1 and "final" in err1
+    assert int(checkpoint_arrays(workdir, 8)["@process_count"]) == 2
 
 
 @pytest.mark.multihost
@@ -281,29 +339,6 @@ def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
     assert code0 != 0 and waited < HEARTBEAT_S + 15, (code0, waited, err0[-3000:])
     assert "stopped sending heartbeats" in err0, err0[-3000:]
     print(f"process 0 stopped {waited:.1f} s after process 1 was killed (heartbeat timeout {HEARTBEAT_S} s)")
-
-
-def test_on_device_batches_equal_host_batches():
-    """device_data.gather_batch of IndexLoader's (indices, flips) is BatchLoader's batch, bit for bit, for
-    every process's rows, across an epoch boundary."""
-    from scgcm import data, device_data
-
-    images = data.synthetic_images(20, image_size=8, seed=3)
-    gather = jax.jit(device_data.gather_batch)
-    for process in (0, 1):
-        host = data.BatchLoader(images, batch_size=8, seed=5, start_step=1, steps_per_call=3,
-                                process_index=process, process_count=2)
-        index = device_data.IndexLoader(len(images), batch_size=8, seed=5, start_step=1, steps_per_call=3,
-                                        process_index=process, process_count=2)
-        try:
-            for _ in range(2):
-                expected, (indices, flips) = next(host), next(index)
-                assert indices.shape == flips.shape == (3, 4) and flips.any() and not flips.all()
-                np.testing.assert_array_equal(np.asarray(gather(images, indices, flips)), expected)
-        finally:
-            host.close()
-    assert device_data.fits(images, 1.0) and not device_data.fits(images, 0.0)
-    assert not device_data.fits(np.zeros((1024, 1024, 1024), np.uint8)[:1], 1e-3)
 
 
 def test_when_to_join():

@@ -191,7 +191,7 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
                         "--out", str(out), "--fid"]) == 0
     printed = capsys.readouterr().out
     assert "6 images (onestep, step 8, EMA weights)" in printed and "FID (6 samples): " in printed
-    assert np.load(out)["images"].shape == (6, 16, 16, 3)
+    assert np.load(out)["images"].shape == (6, 8, 8, 3)
     assert json.loads(out.with_suffix(".fid.json").read_text())["checkpoint"] == "phema_0.080"
     with pytest.raises(UserError, match="--sigma-rel 0.5"):
         phema.main([str(workdir), "--sigma-rel", "0.5"])

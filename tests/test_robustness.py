@@ -31,7 +31,7 @@ def _wait_for_metrics(proc: subprocess.Popen, workdir: Path, timeout: float = 30
         time.sleep(0.2)
 
 
-def test_sigterm_checkpoints_the_current_step(tmp_path):
+def test_sigterm_checkpoints_the_current_step(smoke_run, tmp_path):  # smoke_run: its programs are in the cache
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     _wait_for_metrics(proc, workdir)  # the first log line comes at step 2 of 8
@@ -45,7 +45,7 @@ def test_sigterm_checkpoints_the_current_step(tmp_path):
     assert step in _latest_steps(workdir) and step < 8 and max(_latest_steps(workdir)) == step
 
 
-def test_second_signal_exits_at_once(tmp_path):
+def test_second_signal_exits_at_once(smoke_run, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     _wait_for_metrics(proc, workdir)
