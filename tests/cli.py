@@ -51,9 +51,12 @@ def run_train(workdir: Path, *extra: str, timeout: float = 400, env: dict | None
 
 
 def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """The flat {path: array} dict of a checkpoint, read back with orbax."""
+    """The flat {path: array} dict of a checkpoint, read back with orbax into host arrays, whatever layout
+    wrote it (orbax refuses to restore arrays saved from another topology without a target)."""
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / "latest") as manager:
-        flat = manager.restore(step, args=ocp.args.StandardRestore())
-    return {k: np.asarray(v) for k, v in flat.items()}
+    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / "latest",
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
+        saved = manager.item_metadata(step)
+        target = {k: np.zeros(m.shape, m.dtype) for k, m in getattr(saved, "tree", saved).items()}
+        return {k: np.asarray(v) for k, v in manager.restore(step, args=ocp.args.StandardRestore(target)).items()}

@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import FAST_XLA
+from cli import FAST_XLA, checkpoint_arrays
 
 
 HEARTBEAT_S = 5  # --config.heartbeat-timeout of the fault test: the survivor must stop within it (+ margin)
@@ -159,18 +159,6 @@ def metrics(workdir: Path) -> dict[int, dict]:
         r = json.loads(line)
         records.setdefault(r["step"], {}).update(r)
     return records
-
-
-def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """The flat {path: array} dict of a checkpoint, read into host arrays whatever layout wrote it (orbax
-    refuses to restore arrays saved from another topology without a target)."""
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / "latest",
-                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
-        saved = manager.item_metadata(step)
-        target = {k: np.zeros(m.shape, m.dtype) for k, m in getattr(saved, "tree", saved).items()}
-        return {k: np.asarray(v) for k, v in manager.restore(step, args=ocp.args.StandardRestore(target)).items()}
 
 
 def assert_same_state(run: Path, ref: Path, step: int) -> None:
