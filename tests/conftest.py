@@ -61,17 +61,6 @@ def smoke_run(tmp_path_factory):
     return shared_once(tmp_path_factory, "smoke", make)
 
 
-# The files that take longest (worker-seconds measured on 2 cores, most first): pyproject's
-# --no-loadscope-reorder keeps this order, so the longest start first and the short ones fill in.
-SLOWEST_FIRST = ("test_multihost.py", "test_robustness.py", "test_parallel.py", "test_evaluate.py", "test_rundir.py",
-                 "test_cli.py", "test_objectives.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's default): one worker per core, at most 4 (each worker compiles its own
     programs in memory; more would mostly repeat that work). `-n 0` runs in one process."""
