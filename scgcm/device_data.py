@@ -41,7 +41,7 @@ def gather_batch(
 def draw_batch(
     images: UInt8[Array, "n h w c"], first_step: Int[Array, ""], rows: Int[Array, " b"], *, steps: int, seed: int,
     batch_size: int,
-) -> Float[Array, "{steps} b c h w"]:
+) -> Float[Array, "steps b c h w"]:
     """Rows `rows` of global batches first_step, …, first_step + steps − 1, drawn on the device: the images
     and flips of `order.examples` (what `data.BatchLoader` loads on the host), gathered by `gather_batch`."""
     step = first_step + jnp.arange(steps, dtype=jnp.int32)[:, None]

@@ -26,13 +26,14 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Literal
 
 import jax
 import numpy as np
 
-from scgcm.errors import UserError
+from scgcm.errors import UserError, run_cli
 
 Mode = Literal["auto", "on", "off"]
 
@@ -159,6 +160,21 @@ def layout() -> tuple[int, int]:
 def describe_layout(processes: int, devices_per_process: int) -> str:
     return (f"{processes} process{'es' if processes != 1 else ''} × {devices_per_process} "
             f"device{'s' if devices_per_process != 1 else ''}")
+
+
+def run_cli_or_leave(main, argv: list[str] | None = None, normal: tuple[int, ...] = (0,)) -> int:
+    """`errors.run_cli(main, argv)` (one-line errors, exit code 2); in a multi-process run a process that
+    fails (an exception, or an exit code not in `normal`) prints why and leaves at once (`exit_now`)."""
+    try:
+        code = run_cli(main, argv)
+    except BaseException:
+        if not joined():
+            raise
+        traceback.print_exc()
+        code = 1
+    if code not in normal and joined():
+        exit_now(code)
+    return code
 
 
 def exit_now(code: int) -> None:

@@ -32,14 +32,15 @@ import numpy as np
 import tyro
 from PIL import Image
 
-from scgcm import fid, inception
+from scgcm import distributed as distributed_lib, fid, inception
 from scgcm.checkpoint import Checkpointer
 from scgcm.config import TrainConfig, build_model, num_phema
-from scgcm.errors import UserError, run_cli
+from scgcm.errors import UserError
 from scgcm.evaluate import FIDEvaluator, data_reference, describe_scores, image_scores, plot_lines
 from scgcm.fid import Scores
 from scgcm.protocol import golden_section_search, seed_ranges, summarize
 from scgcm.generate import Mode, generate, make_sampler
+from scgcm.parallel import make_mesh, replicate
 from scgcm.rundir import dumps_finite, save_grid, use_compile_cache
 from scgcm.state import TrainState, init_state, make_optimizer
 
@@ -92,6 +93,17 @@ class SampleArgs:
     """Without --fid-ref: dataset whose train split gives the reference (default: the run's training data); cached."""
     compile_cache: str = "auto"
     """XLA's persistent compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else ~/.cache/scgcm/xla), a folder, or 'off'."""
+    distributed: distributed_lib.Mode = "auto"
+    """Join a multi-process run (as scgcm.train's --config.distributed): every process samples its share of
+    the images on its devices, all gather them, process 0 writes and prints."""
+    coordinator: str | None = None
+    """Multi-process: process 0's HOST:PORT (or JAX_COORDINATOR_ADDRESS)."""
+    num_processes: int | None = None
+    """Multi-process: the number of processes (or JAX_NUM_PROCESSES)."""
+    process_id: int | None = None
+    """Multi-process: this process's index (or JAX_PROCESS_ID)."""
+    distributed_timeout: int = 300
+    """Multi-process: seconds to wait for every process to join."""
 
 
 def _from_dict(cls, values: dict):
@@ -203,20 +215,25 @@ def run_evaluator(cfg: TrainConfig, extractor: fid.Extractor, *, modes: tuple[st
 
 
 def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, workdir: Path,
-                          scorer: Callable[[np.ndarray], Scores]) -> int:
-    """The σ search: each probe samples --num two-step images and scores them; prints, JSON, plot."""
+                          scorer: Callable[[np.ndarray], Scores], mesh=None) -> int:
+    """The σ search: each probe samples --num two-step images and scores them; prints, JSON, plot (process 0).
+    Every process scores every probe: the next probe's σ, and so the next collective, depends on it."""
+    say = print if jax.process_index() == 0 else lambda *a, **k: None
     label = fid.fid_label(args.num)
     probes = []
 
     def objective(sigma: float) -> float:
         sampler = run_sampler(cfg, "twostep", two_step_sigma=jnp.asarray(sigma, jnp.float32))  # traced: one compile
-        images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True)
+        images = generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True,
+                          mesh=mesh)
         result = scorer(images)
         probes.append({"sigma": sigma, **result})
-        print(f"σ {sigma:.4f}: {label} {describe_scores({'twostep': result})}", flush=True)
+        say(f"σ {sigma:.4f}: {label} {describe_scores({'twostep': result})}", flush=True)
         return result["fid"]
 
     best, value, _ = golden_section_search(objective, *args.search_range, probes=args.search_probes)
+    if jax.process_index() != 0:
+        return 0
     out = workdir / "samples" / f"two_step_sigma_{step:07d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dumps_finite({"step": step, "num": args.num, "seed": args.seed, "range": list(args.search_range),
@@ -256,20 +273,28 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     cfg = load_run_config(workdir)
     use_compile_cache(args.compile_cache)
+    distributed_lib.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id,
+                               init_timeout=args.distributed_timeout)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)  # a missing step stops us before any network
     if args.fid or args.search_two_step_sigma:  # the reference before sampling: a missing file or dataset stops us first
         extractor = functools.cache(lambda: fid_extractor(args.batch_size))  # built only when features are needed
         ref_stats, ref_features, ref_name = reference(args, cfg, extractor)
         scorer = lambda images: image_scores(images, ref_stats, extractor(), ref_features)  # noqa: E731
     model = state.ema if args.ema else state.model
+    mesh = None  # one process: all its devices
+    if jax.process_count() > 1:  # every process's devices, the weights replicated on all of them
+        mesh = make_mesh()
+        model = replicate(model, mesh)
     if args.search_two_step_sigma:
-        return search_two_step_sigma(args, cfg, model, step, workdir, scorer)
+        return search_two_step_sigma(args, cfg, model, step, workdir, scorer, mesh)
     sampler = run_sampler(cfg, args.mode, two_step_sigma=args.two_step_sigma, sigmas=args.sigmas,
                           heun_steps=args.heun_steps)
     ranges = seed_ranges(args.num, args.repeats, args.seed_starts)
     per_range = [generate(model, sampler, seed=args.seed, num=args.num, batch_size=args.batch_size, progress=True,
-                          start=first) for first, _ in ranges]
+                          start=first, mesh=mesh) for first, _ in ranges]
     images = np.concatenate(per_range)
+    if jax.process_index() != 0:  # every process holds all the images: process 0 scores and writes them
+        return 0
 
     out = Path(args.out) if args.out else workdir / "samples" / f"{args.mode}_{step:07d}_seed{args.seed}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,4 +328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(distributed_lib.run_cli_or_leave(main))

@@ -30,7 +30,7 @@ from scgcm import fid as fid_lib
 from scgcm import inception
 from scgcm.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.config import PRESETS, TrainConfig, apply_recipe, build_loss, build_schedule, build_state, validate_config, with_variant_workdir
-from scgcm.errors import UserError, run_cli
+from scgcm.errors import UserError
 from scgcm.evaluate import NUM_KEY, FIDEvaluator, data_reference, describe_scores, flat_scores, plot_fid
 from scgcm.generate import generate, make_sampler
 from scgcm.model import count_params
@@ -461,16 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     """`run` under the one-line error rule: a UserError is `error: …` and exit code 2 (traceback with --debug).
     In a multi-process run a failed process leaves at once (`distributed.exit_now`); a stop on a signal,
     agreed by all processes at the same step, ends normally."""
-    try:
-        code = run_cli(run, argv)
-    except BaseException:
-        if not distributed.joined():
-            raise
-        traceback.print_exc()
-        code = 1
-    if code not in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT) and distributed.joined():
-        distributed.exit_now(code)
-    return code
+    return distributed.run_cli_or_leave(run, argv, normal=(0, 128 + signal.SIGTERM, 128 + signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -312,6 +312,25 @@ def test_one_device_checkpoint_resumes_on_two_processes(reference, one_by_one, c
 
 
 @pytest.mark.multihost
+def test_sample_cli_across_two_processes(reference, tmp_path):
+    """`python -m scgcm.sample` on 2 × 4 (joined as training is): the reference's final samples (same
+    checkpoint, seed and count), written once, by process 0."""
+    out = tmp_path / "samples.npz"
+    address = f"localhost:{_port()}"
+    argv = [sys.executable, "-m", "scgcm.sample", "--workdir", str(reference), "--checkpoint", "8", "--seed", "42",
+            "--num", "16", "--batch-size", "16", "--out", str(out)]
+    variables = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    procs = [Process(argv + ["--coordinator", address, "--num-processes", "2", "--process-id", "0"], _env(tmp_path)),
+             Process(argv, _env(tmp_path, **variables))]
+    [(code0, err0), (code1, err1)] = finish(procs, timeout=300)
+    assert code0 == code1 == 0, (err0[-3000:], err1[-3000:])
+    assert "joining a multi-process run (process 1 of 2" in err1
+    with np.load(out) as a, np.load(reference / "samples" / "final_onestep.npz") as b:
+        assert_close_images(a["images"], b["images"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("samples")) == ["samples.npz", "samples.png"]
+
+
+@pytest.mark.multihost
 def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
     """Both processes restarted resume from the SIGTERM checkpoint; kill -9 of process 1 then stops
     process 0 within the heartbeat timeout, with a non-zero code."""
