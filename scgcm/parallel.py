@@ -87,8 +87,8 @@ def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | No
 
         return run
 
-    if batch_size % mesh.size:
-        raise ValueError(f"batch size {batch_size} is not a multiple of the {mesh.size} devices")
+    if batch_size < 1 or batch_size % mesh.size:
+        raise ValueError(f"batch size {batch_size} is not a positive multiple of the {mesh.size} devices")
     local = batch_size // mesh.size
 
     def drawn(arrays, images):

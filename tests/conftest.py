@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cli import FAST_XLA  # noqa: E402 (imports no JAX)
+from cli import FAST_XLA  # tests/cli.py imports no JAX at module level
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
