@@ -6,7 +6,7 @@
 Per call of `steps_per_call` updates of a global batch `batch_size` from N uint8 images of 32 × 32 × 3
 (random values: the content does not matter here), on one device:
 
-- host loader (`data.BatchLoader`): the work of its prefetch thread for one call (indices, gather, mirror,
+- host loader (`loader.BatchLoader`): the work of its prefetch thread for one call (indices, gather, mirror,
   conversion to float32 channel-first) plus the transfer of that float32 batch to the device
   (`parallel.global_batch` and block_until_ready). The thread hides it from the training loop only
   while it has a core of its own and the host-to-device copy overlaps the step.
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from scgcm import data, device_data
-from scgcm.parallel import global_batch, make_mesh, replicate
+from scgcm.data import loader, on_device as device_data
+from scgcm.parallel.mesh import global_batch, make_mesh, replicate
 
 SECTION = "## Data on the device: host time per call (issue 13)"
 
@@ -71,7 +71,7 @@ def main(args: Args) -> dict:
     mesh = make_mesh(jax.devices()[:1])
     kwargs = dict(batch_size=args.batch_size, seed=42, steps_per_call=args.steps_per_call)
 
-    host = data.BatchLoader(images, **kwargs, prefetch=1)
+    host = loader.BatchLoader(images, **kwargs, prefetch=1)
     call = iter(range(10**9))
     try:
         host_s = _median_seconds(lambda: global_batch(host._make(next(call)), mesh).block_until_ready(), args.calls, args.warmup)

@@ -31,10 +31,10 @@ import jax.random as jr
 import numpy as np
 import tyro
 
-from scgcm import fid, inception
-from scgcm.config import PRESETS, build_model
-from scgcm.evaluate import FIDEvaluator
-from scgcm.generate import make_sampler
+from scgcm.eval import fid, inception
+from scgcm.eval.scores import FIDEvaluator
+from scgcm.parallel.generate import make_sampler
+from scgcm.run.config import PRESETS, build_model
 
 SHAPES = Path(__file__).with_name("inception_shapes.json")
 

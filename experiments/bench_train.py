@@ -44,11 +44,12 @@ import jax.random as jr
 import numpy as np
 import tyro
 
-from scgcm.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, build_state
-from scgcm.losses import Variant
-from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
-from scgcm.state import init_state, make_optimizer
-from scgcm.step import train_step
+from scgcm.core.losses import Variant
+from scgcm.core.state import init_state, make_optimizer
+from scgcm.core.step import train_step
+from scgcm.parallel.mesh import global_batch, make_mesh, replicate
+from scgcm.parallel.train_fn import make_train_fn
+from scgcm.run.config import PRESETS, TrainConfig, build_loss, build_model, build_schedule, build_state
 
 Dtype = Literal["float32", "bfloat16"]
 SECTION = "## Training throughput"

@@ -19,10 +19,10 @@ import jax
 import numpy as np
 import tyro
 
-from scgcm.config import SMOKE, HeadConfig, ModelConfig, TorsoConfig
-from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
-from scgcm.config import build_loss, build_schedule, build_state
-from scgcm.state import make_optimizer
+from scgcm.core.state import make_optimizer
+from scgcm.parallel.mesh import global_batch, make_mesh, replicate
+from scgcm.parallel.train_fn import make_train_fn
+from scgcm.run.config import SMOKE, HeadConfig, ModelConfig, TorsoConfig, build_loss, build_schedule, build_state
 
 
 def candidate(nf: int, ch_mult: tuple[int, ...], blocks: int, attn: tuple[int, ...], head: int, batch: int):

@@ -65,14 +65,14 @@ _log.WandBLog = WandBLog
 sys.modules["utils.log_utils"] = _log
 
 import utils  # noqa: E402  (package in src/)
+
 utils.fs_utils = _fs
 utils.log_utils = _log
 
 import flax  # noqa: E402
 import flax.jax_utils  # noqa: E402
-from hydra import initialize_config_dir, compose  # noqa: E402
-
 from framework.diffusion import consistency_framework as cf  # noqa: E402  (reference code)
+from hydra import compose, initialize_config_dir  # noqa: E402
 
 
 def build_reference(config_name="config"):

@@ -1,411 +1,257 @@
-"""Zero-shot editing (Song et al. 2023, Algorithm 4) and latent interpolation, one example at a time.
+"""`python -m scgcm.edit --workdir RUN --task T [--input IMAGES] [--mask ...] [--factor ...] --seed S --out edited.npz`
 
-An edit is an orthogonal linear map A of the image and a binary mask `known` in A's space (1 where
-the coefficient of the reference y is known, 0 where the model fills it in):
-
-    project(x) = A⁻¹[known ⊙ A·y + (1 − known) ⊙ A·x]
-
-`ConsistencyEditor` runs Algorithm 4: start from x = A⁻¹[known ⊙ A·y] + σ_0·z, then for each σ_j of a
-decreasing list: x ← x + sqrt(σ_j² − σ_min²)·z_j (j > 0), x ← clip(f(x, σ_j)), x ← project(x). The output
-therefore satisfies the constraint exactly (to float round-off). `HeunEditor` applies the same
-projection after every step of EDM's Heun sampler through the score head, with the known part put
-back at the current noise level, A·y + t·A·z (z the starting noise), and at t = 0 as A·y itself.
-
-Tasks are choices of (A, known): inpainting (A = I, a pixel mask), colourisation (A mixes channels by
-an orthogonal matrix whose first column is the luminance direction; known = that channel), super-
-resolution (A is orthogonal on each factor×factor block with the block mean as first coefficient;
-known = that coefficient), and SDEdit-style stroke editing and denoising (known = 0: only the start,
-`given` + σ·z, carries the input). The CLI (`python -m scgcm.edit`) is in `scgcm.edit_cli`.
-
-Noise: the starting noise is normal(fold_in(key, 0)) and the re-noising at step j normal(fold_in(key, j)),
-as in `samplers.multistep`; callers give image i the key fold_in(key(seed), i).
+Zero-shot editing with a trained run (Song et al. 2023, Algorithm 4; `scgcm.core.editing` holds the math,
+`scgcm.parallel.editing` the batches):
+inpaint, colorize, superres (the output keeps the known pixels, luminance or block means exactly),
+stroke (SDEdit from a coarse painting), denoise (Gaussian noise of a known σ) and interpolate
+(spherical interpolation between two latents). `--sampler heun` runs the same projections through the
+score head's Heun sampler. Writes an .npz (results as `images`, plus `inputs`, `given`, `index`) and a
+PNG grid with one row per image: input, what the model was given, result.
 """
 
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+import tyro
+from PIL import Image
 
-from scgcm.ict import heun_sigmas, karras_sigmas
-from scgcm.model import SCGCM
+from scgcm.core import editing as E
+from scgcm.data.images import to_model_range, to_uint8_nhwc
+from scgcm.data.sources import DataError, load_images
+from scgcm.errors import UserError, run_cli
+from scgcm.parallel.editing import edit_images, interpolate_rows
+from scgcm.run.load import load_run_config, load_state
+from scgcm.run.rundir import save_grid, use_compile_cache
 
-LUMINANCE = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 weights, as the reference's colouriser
-
-
-# ----------------------------------------------------------------------------- linear maps
-
-
-def orthogonal_with_first_column(v: Sequence[float] | np.ndarray) -> np.ndarray:
-    """An orthogonal n×n matrix (float64) whose first column is v/|v| (the reference's QR construction)."""
-    v = np.asarray(v, np.float64)
-    m = np.eye(len(v))
-    m[:, 0] = v / np.linalg.norm(v)
-    q = np.linalg.qr(m)[0]
-    return -q if q[:, 0].sum() < 0 else q
+Task = Literal["inpaint", "colorize", "superres", "stroke", "interpolate", "denoise"]
+REGIONS = ("center", "left", "right", "top", "bottom")
+MASK_STREAM = 2**31 - 1  # fold_in index of the random-mask key (edit noise uses 0, 1, 2, …)
 
 
-def _to_blocks(x: Float[Array, "c h w"], p: int) -> Float[Array, "c hp wp pp"]:
-    c, h, w = x.shape
-    return x.reshape(c, h // p, p, w // p, p).transpose(0, 1, 3, 2, 4).reshape(c, h // p, w // p, p * p)
+@dataclass(frozen=True)
+class EditArgs:
+    workdir: str
+    """Run directory written by scgcm.train."""
+    task: Task
+    """inpaint, colorize, superres, stroke (SDEdit), denoise, or interpolate (needs no --input)."""
+    input: str | None = None
+    """Images to edit, any source the trainer reads: .npz of uint8 images, image folder, cifar-10-batches-py, tar.gz."""
+    split: str = "test"
+    """Split of --input when it has several (CIFAR-10 batches)."""
+    index: tuple[int, ...] = ()
+    """Indices of the images in --input (default: the first --num)."""
+    num: int = 8
+    """Number of images (the first ones) when --index is not given; rows of --task interpolate."""
+    mask: str = "center"
+    """inpaint: the missing region, center (half-size box), left, right, top, bottom, random (--mask-rate),
+    or an image file the size of the model's images (white = missing)."""
+    mask_rate: float = 0.5
+    """--mask random: fraction of pixels missing (each image its own mask, from the seed and its index)."""
+    factor: int | None = None
+    """superres: downsampling factor, 2 or 4 (default 2); stroke: block size of the coarse painting (default 4)."""
+    stroke_input: bool = False
+    """stroke: --input images are the paintings (default: paintings made from them: block means, 4 levels per channel)."""
+    noise_sigma: float | None = None
+    """stroke: noise level the painting starts from (default 1.5); denoise: σ of the noise added to --input (default 0.3)."""
+    num_frames: int = 8
+    """interpolate: frames per row, the two ends included."""
+    sampler: Literal["consistency", "heun"] = "consistency"
+    """consistency steps (Algorithm 4) or EDM's Heun sampler through the score head, projected after every step."""
+    sigmas: tuple[float, ...] | None = None
+    """Decreasing σ of the consistency steps (default: the first 17 of the 18-level Karras grid, 80 … 0.0075
+    for the run's σ range; interpolate: σ_max only). stroke/denoise start at --noise-sigma and use those below it."""
+    heun_steps: int | None = None
+    """Noise levels of the Heun sampler (default: the run's)."""
+    checkpoint: str = "latest"
+    """'latest', 'best' or 'best_<mode>' (lowest FID), or a step number."""
+    ema: bool = True
+    """Use the EMA weights (--no-ema for the raw ones)."""
+    seed: int = 0
+    """Seed: image i of --input uses fold_in(key(seed), i); interpolation row i goes from one-step sample 2i to 2i + 1."""
+    batch_size: int = 64
+    """Images per batch (global)."""
+    out: str | None = None
+    """.npz to write (default: RUN/edits/<task>_<sampler>_<step>_seed<seed>.npz)."""
+    grid: str | None = None
+    """PNG grid (default: next to --out)."""
+    compile_cache: str = "auto"
+    """XLA's persistent compilation cache: 'auto', a folder, or 'off'."""
 
 
-def _from_blocks(b: Float[Array, "c hp wp pp"], p: int) -> Float[Array, "c h w"]:
-    c, hp, wp, _ = b.shape
-    return b.reshape(c, hp, wp, p, p).transpose(0, 1, 3, 2, 4).reshape(c, hp * p, wp * p)
+def _check_sigmas(sigmas: tuple[float, ...], sigma_min: float, sigma_max: float) -> None:
+    if not sigmas:
+        raise UserError("--sigmas: give at least one level")
+    if any(b >= a for a, b in zip(sigmas, sigmas[1:])) or sigmas[-1] <= sigma_min or sigmas[0] > sigma_max:
+        raise UserError(f"--sigmas {' '.join(map(str, sigmas))}: must decrease strictly, within ({sigma_min}, {sigma_max}]")
 
 
-class OrthogonalMap(eqx.Module):
-    """A = (channel mixing by `channel`) ⊗ (the same orthogonal map `block` on every factor×factor block).
-
-    Coefficients keep the image's layout: coefficient k of a block sits at its k-th pixel (row-major),
-    so a mask in A's space is an array like the image. Both factors are orthogonal, so A⁻¹ = Aᵀ.
-    """
-
-    channel: Float[Array, "c c"]
-    block: Float[Array, "pp pp"]
-    factor: int = eqx.field(static=True)
-
-    def forward(self, x: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
-        """A·x: coefficient d of a pixel is Σ_c x_c·channel[c, d]; of a block, Σ_k b_k·block[k, e]."""
-        x = jnp.einsum("chw,cd->dhw", x, self.channel)
-        if self.factor == 1:
-            return x
-        return _from_blocks(_to_blocks(x, self.factor) @ self.block, self.factor)
-
-    def inverse(self, a: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
-        """A⁻¹·a = Aᵀ·a."""
-        if self.factor > 1:
-            a = _from_blocks(_to_blocks(a, self.factor) @ self.block.T, self.factor)
-        return jnp.einsum("dhw,cd->chw", a, self.channel)
-
-
-def identity_map(channels: int) -> OrthogonalMap:
-    """A = I (inpainting, strokes, denoising)."""
-    return OrthogonalMap(jnp.eye(channels), jnp.eye(1), 1)
-
-
-def luminance_map() -> OrthogonalMap:
-    """Colourisation: the first coefficient of each pixel is (w·rgb)/|w|, w the luminance weights."""
-    return OrthogonalMap(jnp.asarray(orthogonal_with_first_column(LUMINANCE), jnp.float32), jnp.eye(1), 1)
-
-
-def block_mean_map(channels: int, factor: int) -> OrthogonalMap:
-    """Super-resolution: the first coefficient of each factor×factor block is factor·(block mean)."""
-    block = orthogonal_with_first_column(np.ones(factor * factor))
-    return OrthogonalMap(jnp.eye(channels), jnp.asarray(block, jnp.float32), factor)
-
-
-def project(
-    amap: OrthogonalMap, x: Float[Array, "c h w"], y: Float[Array, "c h w"], known: Float[Array, "c h w"]
-) -> Float[Array, "c h w"]:
-    """A⁻¹[known ⊙ A·y + (1 − known) ⊙ A·x]: x with the known coefficients of y put back."""
-    return amap.inverse(known * amap.forward(y) + (1 - known) * amap.forward(x))
-
-
-def given_image(amap: OrthogonalMap, y: Float[Array, "c h w"], known: Float[Array, "c h w"]) -> Float[Array, "c h w"]:
-    """A⁻¹[known ⊙ A·y]: what the model is told about y (masked image, luminance, block means)."""
-    return amap.inverse(known * amap.forward(y))
-
-
-# ----------------------------------------------------------------------------- masks (1 = known)
-
-
-def luminance_known(shape: tuple[int, int, int]) -> np.ndarray:
-    """Colourisation: the first (luminance) coefficient of every pixel is known."""
-    known = np.zeros(shape, np.float32)
-    known[0] = 1
-    return known
-
-
-def block_mean_known(shape: tuple[int, int, int], factor: int) -> np.ndarray:
-    """Super-resolution: coefficient 0 (at the top-left pixel of every block) is known."""
-    known = np.zeros(shape, np.float32)
-    known[:, ::factor, ::factor] = 1
-    return known
-
-
-def region_known(shape: tuple[int, int, int], region: str) -> np.ndarray:
-    """Inpainting: everything is known except `region`: 'center' (the central half-size box), 'left',
-    'right', 'top' or 'bottom' (that half)."""
+def _load_mask(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     c, h, w = shape
-    known = np.ones(shape, np.float32)
-    hole = {
-        "center": (slice(h // 4, h // 4 + h // 2), slice(w // 4, w // 4 + w // 2)),
-        "left": (slice(None), slice(0, w // 2)),
-        "right": (slice(None), slice(w // 2, None)),
-        "top": (slice(0, h // 2), slice(None)),
-        "bottom": (slice(h // 2, None), slice(None)),
-    }[region]
-    known[:, hole[0], hole[1]] = 0
-    return known
+    try:
+        with Image.open(path) as image:
+            missing = np.asarray(image.convert("L")) >= 128
+    except (OSError, ValueError) as e:
+        raise UserError(f"--mask {path}: not a readable image ({type(e).__name__})") from None
+    if missing.shape != (h, w):
+        raise UserError(f"--mask {path}: mask is {missing.shape[1]}x{missing.shape[0]}, expected {w}x{h}")
+    return np.broadcast_to(1.0 - missing.astype(np.float32), shape).copy()
 
 
-def random_known(key: PRNGKeyArray, shape: tuple[int, int, int], rate: float) -> Float[Array, "c h w"]:
-    """Inpainting: each pixel (all its channels) is missing with probability `rate`."""
-    missing = jr.bernoulli(key, rate, shape[1:])
-    return jnp.broadcast_to(1.0 - missing.astype(jnp.float32), shape)
+def validate(args: EditArgs, cfg) -> None:
+    """Everything that can be checked without the checkpoint; one line naming the flag."""
+    m = cfg.model
+    if args.num < 1:
+        raise UserError(f"--num {args.num}: must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.task == "interpolate" and args.num_frames < 2:
+        raise UserError(f"--num-frames {args.num_frames}: must be at least 2")
+    if args.task == "colorize" and m.channels != 3:
+        raise UserError(f"--task colorize needs an RGB model; {args.workdir} has {m.channels} channel(s)")
+    if args.task == "inpaint" and args.mask == "random" and not 0 < args.mask_rate < 1:
+        raise UserError(f"--mask-rate {args.mask_rate}: must be in (0, 1)")
+    if args.task == "inpaint" and args.mask not in (*REGIONS, "random") and not Path(args.mask).is_file():
+        raise UserError(f"--mask {args.mask}: neither one of {', '.join(REGIONS)}, random nor an image file")
+    if args.task == "superres" and (args.factor or 2) not in (2, 4):
+        raise UserError(f"--factor {args.factor}: superres supports 2 or 4")
+    if args.task == "stroke" and args.factor is not None and args.factor < 1:
+        raise UserError(f"--factor {args.factor}: must be at least 1")
+    factor = args.factor or (2 if args.task == "superres" else 4)
+    if args.task in ("superres", "stroke") and m.image_size % factor != 0:
+        raise UserError(f"--factor {factor}: does not divide the image size {m.image_size}")
+    if args.noise_sigma is not None and not m.sigma_min < args.noise_sigma <= m.sigma_max:
+        raise UserError(f"--noise-sigma {args.noise_sigma}: must be in ({m.sigma_min}, {m.sigma_max}]")
+    if args.sigmas is not None:
+        _check_sigmas(args.sigmas, m.sigma_min, m.sigma_max)
+    if args.heun_steps is not None and args.heun_steps < 2:
+        raise UserError(f"--heun-steps {args.heun_steps}: must be at least 2")
+    c = args.checkpoint
+    if not (c.isdigit() or c in ("latest", "best") or c.startswith("best_")):
+        raise UserError(f"--checkpoint {c}: must be 'latest', 'best', 'best_<mode>' or a step number")
+    if args.out is not None and not args.out.endswith(".npz"):
+        raise UserError(f"--out {args.out}: must end in .npz")
+    if args.grid is not None and not args.grid.lower().endswith(".png"):
+        raise UserError(f"--grid {args.grid}: must end in .png")
+    if args.task != "interpolate" and args.input is None:
+        raise UserError(f"--input is required by --task {args.task}")
 
 
-def coarse_painting(images: np.ndarray, factor: int, levels: int = 4) -> np.ndarray:
-    """Stroke inputs from real images: uint8 [..., h, w, c] → each factor×factor block filled with its mean
-    colour, every channel rounded to one of `levels` evenly spaced values in 0..255."""
-    *lead, h, w, c = images.shape
-    blocks = images.reshape(*lead, h // factor, factor, w // factor, factor, c).astype(np.float64)
-    means = blocks.mean(axis=(-4, -2), keepdims=True)
-    step = 255.0 / (levels - 1)
-    flat = np.round(means / step) * step
-    return np.broadcast_to(flat, blocks.shape).reshape(images.shape).round().astype(np.uint8)
+def select_images(args: EditArgs, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, h, w, c] images, their indices in --input), or a one-line error naming --input/--index/--num."""
+    m = cfg.model
+    try:
+        images = load_images(args.input, split=args.split, image_size=m.image_size, channels=m.channels)
+    except DataError as e:
+        raise UserError(f"--input: {e}") from None
+    if args.index:
+        bad = [i for i in args.index if not 0 <= i < len(images)]
+        if bad:
+            raise UserError(f"--index {bad[0]}: out of range, --input {args.input} has {len(images)} images")
+        indices = np.asarray(args.index, np.int64)
+    else:
+        if args.num > len(images):
+            raise UserError(f"--num {args.num}: --input {args.input} has only {len(images)} images")
+        indices = np.arange(args.num)
+    return images[indices], indices
 
 
-def gray(y: Float[Array, "*b 3 h w"]) -> Float[Array, "*b 3 h w"]:
-    """The luminance Σ w_c·y_c in all three channels (for showing what colourisation is given)."""
-    lum = jnp.einsum("...chw,c->...hw", y, jnp.asarray(LUMINANCE, y.dtype))
-    return jnp.repeat(lum[..., None, :, :], 3, axis=-3)
+def task_arrays(args: EditArgs, images: np.ndarray, indices: np.ndarray, shape: tuple[int, int, int]):
+    """(amap, known, given, y, shown) for a task: float32 [n, c, h, w] arrays; `shown` is what the grid
+    shows as the model's input (None: the start itself, for denoising)."""
+    n, (c, h, w) = len(images), shape
+    y = to_model_range(images)
+    amap, known = E.identity_map(c), np.zeros_like(y)
+    if args.task == "inpaint":
+        if args.mask == "random":
+            base = jr.key(args.seed)
+            keys = [jr.fold_in(jr.fold_in(base, int(i)), MASK_STREAM) for i in indices]
+            known = np.stack([np.asarray(E.random_known(k, shape, args.mask_rate)) for k in keys])
+        elif args.mask in REGIONS:
+            known = np.broadcast_to(E.region_known(shape, args.mask), y.shape).copy()
+        else:
+            known = np.broadcast_to(_load_mask(Path(args.mask), shape), y.shape).copy()
+    elif args.task == "colorize":
+        amap, known = E.luminance_map(), np.broadcast_to(E.luminance_known(shape), y.shape).copy()
+    elif args.task == "superres":
+        factor = args.factor or 2
+        amap, known = E.block_mean_map(c, factor), np.broadcast_to(E.block_mean_known(shape, factor), y.shape).copy()
+    if args.task in ("inpaint", "colorize", "superres"):
+        given = np.asarray(jax.vmap(E.given_image, in_axes=(None, 0, 0))(amap, jnp.asarray(y), jnp.asarray(known)))
+        shown = np.asarray(E.gray(jnp.asarray(y))) if args.task == "colorize" else given
+        return amap, known, given, y, shown
+    if args.task == "stroke":
+        painting = images if args.stroke_input else E.coarse_painting(images, args.factor or 4)
+        given = to_model_range(painting)
+        return amap, known, given, given, given
+    return amap, known, y, y, None  # denoise: start = y + σ·z, shown as given
 
 
-# ----------------------------------------------------------------------------- samplers with projection
+def make_editor(args: EditArgs, cfg) -> E.Editor:
+    m = cfg.model
+    start = m.sigma_max
+    if args.task in ("stroke", "denoise"):
+        start = args.noise_sigma if args.noise_sigma is not None else {"stroke": 1.5, "denoise": 0.3}[args.task]
+    if args.sampler == "heun":
+        return E.heun_editor(args.heun_steps or cfg.sample.heun_steps, m.sigma_min, start)
+    if args.task == "interpolate" and args.sigmas is None:
+        sigmas = (m.sigma_max,)
+    else:
+        sigmas = args.sigmas or E.default_sigmas(m.sigma_min, m.sigma_max)
+    if args.task in ("stroke", "denoise"):
+        sigmas = (start, *(s for s in sigmas if s < start))
+    return E.ConsistencyEditor(jnp.asarray(sigmas, jnp.float32), m.sigma_min)
 
 
-def _noise(key: PRNGKeyArray, j, shape) -> Float[Array, "c h w"]:
-    return jr.normal(jr.fold_in(key, j), shape)
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.asarray(to_uint8_nhwc(jnp.asarray(x)))
 
 
-def default_sigmas(sigma_min: float, sigma_max: float, num: int = 18, rho: float = 7.0) -> tuple[float, ...]:
-    """The first num − 1 levels of the num-level Karras grid, σ_max down (σ_min itself is left out: f is the
-    identity there). num = 18 is the reference CIFAR-10 notebook's editing schedule (ts = 0..17, N = 18)."""
-    grid = np.asarray(karras_sigmas(num, num, sigma_min, sigma_max, rho))[::-1]
-    return tuple(float(s) for s in grid[:-1])
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(EditArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__)
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").is_file():
+        raise UserError(f"--workdir {workdir}: no config.json, not a run directory written by scgcm.train")
+    cfg = load_run_config(workdir)
+    validate(args, cfg)
+    m = cfg.model
+    shape = (m.channels, m.image_size, m.image_size)
+    if args.task != "interpolate":
+        images, indices = select_images(args, cfg)
+        amap, known, given, y, shown = task_arrays(args, images, indices, shape)
+    editor = make_editor(args, cfg)
+    use_compile_cache(args.compile_cache)
+    try:
+        state, step = load_state(workdir, cfg, args.checkpoint)
+    except SystemExit as e:  # load_state's own one-line messages
+        raise UserError(str(e.code).removeprefix("error: ")) from None
+    model = state.ema if args.ema else state.model
 
-
-class ConsistencyEditor(eqx.Module):
-    """Algorithm 4: after every consistency step the known coefficients of y are put back."""
-
-    sigmas: Float[Array, " n"]
-    sigma_min: float = eqx.field(static=True)
-    clip: bool = eqx.field(static=True, default=True)
-
-    @property
-    def start(self) -> Float[Array, ""]:
-        return self.sigmas[0]
-
-    def __call__(
-        self,
-        model: SCGCM,
-        key: PRNGKeyArray,
-        x: Float[Array, "c h w"],
-        y: Float[Array, "c h w"],
-        known: Float[Array, "c h w"],
-        amap: OrthogonalMap,
-    ) -> Float[Array, "c h w"]:
-        """x is the start at noise level sigmas[0]; returns the projected result."""
-        renoise = jnp.sqrt(jnp.maximum(self.sigmas**2 - self.sigma_min**2, 0.0)).at[0].set(0.0)
-
-        def step(x, inputs):
-            j, sigma, scale = inputs
-            x = x + scale * _noise(key, j, x.shape)
-            x = model.consistency(x, sigma)[0]
-            x = jnp.clip(x, -1.0, 1.0) if self.clip else x
-            return project(amap, x, y, known), None
-
-        steps = (jnp.arange(len(self.sigmas)), self.sigmas, renoise)
-        return jax.lax.scan(step, x, steps)[0]
-
-
-class HeunEditor(eqx.Module):
-    """EDM's Heun sampler through the score head's denoiser, projected after every step: the known
-    coefficients are set to those of y + t·z at the step's level t (z the starting noise), and of y at t = 0."""
-
-    ts: Float[Array, " n"]  # decreasing levels, the last one 0
-
-    @property
-    def start(self) -> Float[Array, ""]:
-        return self.ts[0]
-
-    def __call__(
-        self,
-        model: SCGCM,
-        key: PRNGKeyArray,
-        x: Float[Array, "c h w"],
-        y: Float[Array, "c h w"],
-        known: Float[Array, "c h w"],
-        amap: OrthogonalMap,
-    ) -> Float[Array, "c h w"]:
-        z = _noise(key, 0, x.shape)
-
-        def slope(x, t):
-            return (x - model.score_denoise(x, t)) / t
-
-        def step(x, ts):
-            t_cur, t_next = ts
-            d = slope(x, t_cur)
-            euler = x + (t_next - t_cur) * d
-            last = t_next == 0  # the last step, to 0, is Euler only (its corrector is computed, then dropped)
-            d_next = slope(euler, jnp.where(last, t_cur, t_next))
-            x = jnp.where(last, euler, x + 0.5 * (t_next - t_cur) * (d + d_next))
-            return project(amap, x, y + t_next * z, known), None
-
-        return jax.lax.scan(step, x, (self.ts[:-1], self.ts[1:]))[0]
-
-
-def heun_editor(num_steps: int, sigma_min: float, start: float, rho: float = 7.0) -> HeunEditor:
-    """Heun levels from `start` (σ_max, or an SDEdit/denoising level) down to σ_min, then 0."""
-    return HeunEditor(heun_sigmas(num_steps, sigma_min, start, rho))
-
-
-Editor = ConsistencyEditor | HeunEditor
-
-
-def edit(
-    model: SCGCM,
-    key: PRNGKeyArray,
-    given: Float[Array, "c h w"],
-    y: Float[Array, "c h w"],
-    known: Float[Array, "c h w"],
-    *,
-    editor: Editor,
-    amap: OrthogonalMap,
-) -> tuple[Float[Array, "c h w"], Float[Array, "c h w"]]:
-    """One example: start at x = given + σ_start·z, z = normal(fold_in(key, 0)), and run the editor.
-
-    For the constrained tasks `given` is `given_image(amap, y, known)`; for strokes it is the painting
-    and for denoising the clean image (known = 0 for both). Returns (start, result).
-    """
-    start = given + editor.start * _noise(key, 0, given.shape)
-    return start, editor(model, key, start, y, known, amap)
-
-
-# ----------------------------------------------------------------------------- interpolation
-
-
-def slerp(z1: Float[Array, "*s"], z2: Float[Array, "*s"], t: Float[Array, ""] | float) -> Float[Array, "*s"]:
-    """Spherical interpolation: sin((1−t)θ)/sin θ·z1 + sin(tθ)/sin θ·z2, θ the angle between z1 and z2
-    (linear interpolation when they are parallel)."""
-    a, b = z1.ravel(), z2.ravel()
-    cos = jnp.clip(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)), -1.0, 1.0)
-    theta = jnp.arccos(cos)
-    s = jnp.sin(theta)
-    parallel = s < 1e-6
-    safe = jnp.where(parallel, 1.0, s)
-    w1 = jnp.where(parallel, 1.0 - t, jnp.sin((1.0 - t) * theta) / safe)
-    w2 = jnp.where(parallel, t, jnp.sin(t * theta) / safe)
-    return w1 * z1 + w2 * z2
-
-
-def interpolate(
-    model: SCGCM,
-    key_a: PRNGKeyArray,
-    key_b: PRNGKeyArray,
-    positions: Float[Array, " f"],
-    *,
-    editor: Editor,
-    shape: tuple[int, int, int],
-) -> Float[Array, "f c h w"]:
-    """Frames decoded from slerp(z_a, z_b, t) for t in `positions`, z_a = normal(fold_in(key_a, 0)) and
-    z_b = normal(fold_in(key_b, 0)): each frame starts at σ_start·slerp (σ_start = the editor's first level)
-    and is decoded with no constraint, any re-noising drawn from key_a. With the one-level
-    ConsistencyEditor((σ_max,)) the end frames are the one-step samples of key_a and key_b."""
-    za, zb = _noise(key_a, 0, shape), _noise(key_b, 0, shape)
-    zeros = jnp.zeros(shape)
-    amap = identity_map(shape[0])
-
-    def frame(t):
-        return editor(model, key_a, editor.start * slerp(za, zb, t), zeros, zeros, amap)
-
-    return jax.vmap(frame)(positions)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-@eqx.filter_jit
-def _edit_batch(model, keys, given, y, known, editor, amap):
-    one = lambda k, g, yy, m: edit(model, k, g, yy, m, editor=editor, amap=amap)  # noqa: E731
-    return jax.vmap(one)(keys, given, y, known)
-
-
-@eqx.filter_jit
-def _interpolate_batch(model, keys_a, keys_b, positions, editor, shape):
-    run = lambda a, b: interpolate(model, a, b, positions, editor=editor, shape=shape)  # noqa: E731
-    return jax.vmap(run)(keys_a, keys_b)
-
-
-def _padded_batches(num: int, batch_size: int, mesh: Mesh):
-    ndev = mesh.devices.size
-    batch_size = max(ndev, -(-batch_size // ndev) * ndev)
-    for start in range(0, num, batch_size):
-        rows = np.minimum(np.arange(start, start + batch_size), num - 1)  # the last batch repeats its last row
-        yield start, rows
-
-
-def _image_keys(seed: int, indices: np.ndarray) -> jax.Array:
-    base = jr.key(seed)
-    return jax.vmap(lambda i: jr.fold_in(base, i))(jnp.asarray(indices))
-
-
-def edit_images(
-    model: SCGCM,
-    given: Float[Array | np.ndarray, "n c h w"],
-    y: Float[Array | np.ndarray, "n c h w"],
-    known: Float[Array | np.ndarray, "n c h w"],
-    indices: Int[np.ndarray, " n"],
-    *,
-    seed: int,
-    editor: Editor,
-    amap: OrthogonalMap,
-    batch_size: int = 64,
-    mesh: Mesh | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(start, result) float32 [n, c, h, w] for every row; row r uses the key fold_in(key(seed), indices[r]),
-    so a result depends on the seed and its image index, not on the batch size or device count."""
-    model = eqx.nn.inference_mode(model)
-    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, P("data"))
-    keys = _image_keys(seed, np.asarray(indices))
-    starts, results = [], []
-    for start, rows in _padded_batches(len(indices), batch_size, mesh):
-        put = lambda a: jax.device_put(jnp.asarray(a)[rows], sharding)  # noqa: E731
-        s, r = _edit_batch(model, put(keys), put(given), put(y), put(known), editor, amap)
-        n = min(len(rows), len(indices) - start)
-        starts.append(np.asarray(s)[:n])
-        results.append(np.asarray(r)[:n])
-    return np.concatenate(starts), np.concatenate(results)
-
-
-def interpolate_rows(
-    model: SCGCM,
-    num: int,
-    num_frames: int,
-    *,
-    seed: int,
-    editor: Editor,
-    shape: tuple[int, int, int],
-    batch_size: int = 64,
-    mesh: Mesh | None = None,
-) -> np.ndarray:
-    """float32 [num, num_frames, c, h, w]: row i interpolates between the latents of images 2i and 2i + 1 of
-    the seed (keys fold_in(key(seed), 2i) and fold_in(key(seed), 2i + 1)); with the one-step editor its ends are
-    those images of `scgcm.sample --mode onestep`."""
-    model = eqx.nn.inference_mode(model)
-    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, P("data"))
-    keys_a, keys_b = _image_keys(seed, 2 * np.arange(num)), _image_keys(seed, 2 * np.arange(num) + 1)
-    positions = jnp.linspace(0.0, 1.0, num_frames)
-    out = []
-    for start, rows in _padded_batches(num, batch_size, mesh):
-        put = lambda k: jax.device_put(k[rows], sharding)  # noqa: E731
-        frames = _interpolate_batch(model, put(keys_a), put(keys_b), positions, editor, shape)
-        out.append(np.asarray(frames)[: min(len(rows), num - start)])
-    return np.concatenate(out)
+    out = Path(args.out) if args.out else workdir / "edits" / f"{args.task}_{args.sampler}_{step:07d}_seed{args.seed}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+    if args.task == "interpolate":
+        frames = interpolate_rows(model, args.num, args.num_frames, seed=args.seed, editor=editor, shape=shape,
+                                    batch_size=args.batch_size)
+        result = _u8(frames.reshape(-1, *shape))
+        np.savez_compressed(out, images=result, num_frames=args.num_frames, seed=args.seed)
+        save_grid(result, grid, nrow=args.num_frames)
+    else:
+        start, edited = edit_images(model, given, y, known, indices, seed=args.seed, editor=editor, amap=amap,
+                                      batch_size=args.batch_size)
+        result, shown_u8 = _u8(edited), _u8(start if shown is None else shown)
+        np.savez_compressed(out, images=result, inputs=images, given=shown_u8, index=indices,
+                            known=known.astype(np.uint8), seed=args.seed)
+        save_grid(np.stack([images, shown_u8, result], axis=1).reshape(-1, *result.shape[1:]), grid, nrow=3)
+    print(f"{args.task} ({args.sampler}, step {step}, {'EMA' if args.ema else 'raw'} weights): "
+          f"{len(result)} images -> {out}, grid {grid}")
+    return 0
 
 
 if __name__ == "__main__":
-    from scgcm.edit_cli import main
-    from scgcm.errors import run_cli
-
     sys.exit(run_cli(main))

@@ -15,34 +15,30 @@ DIR/samples/two_step_sigma_<step>.json and a plot of FID against σ beside it.
 `--checkpoint phema_0.080` samples an EMA reconstructed by `python -m scgcm.phema`.
 """
 
-import dataclasses
 import functools
-import json
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import tyro
 from PIL import Image
 
-from scgcm import distributed as distributed_lib, fid, inception
-from scgcm.checkpoint import Checkpointer
-from scgcm.config import TrainConfig, build_model, num_phema
 from scgcm.errors import UserError
-from scgcm.evaluate import FIDEvaluator, data_reference, describe_scores, image_scores, plot_lines
-from scgcm.fid import Scores
-from scgcm.protocol import golden_section_search, seed_ranges, summarize
-from scgcm.generate import Mode, generate, make_sampler
-from scgcm.parallel import make_mesh, replicate
-from scgcm.rundir import dumps_finite, save_grid, use_compile_cache
-from scgcm.state import TrainState, init_state, make_optimizer
+from scgcm.eval import fid
+from scgcm.eval.fid import Scores
+from scgcm.eval.plot import plot_lines
+from scgcm.eval.protocol import golden_section_search, seed_ranges, summarize
+from scgcm.eval.scores import describe_scores, image_scores
+from scgcm.parallel import distributed as distributed_lib
+from scgcm.parallel.generate import Mode, generate
+from scgcm.parallel.mesh import make_mesh, replicate
+from scgcm.run.config import TrainConfig
+from scgcm.run.load import fid_extractor, load_run_config, load_state, run_reference, run_sampler
+from scgcm.run.rundir import dumps_finite, save_grid, use_compile_cache
 
 
 @dataclass(frozen=True)
@@ -106,112 +102,11 @@ class SampleArgs:
     """Multi-process: seconds to wait for every process to join."""
 
 
-def _from_dict(cls, values: dict):
-    """Rebuild a (nested) config dataclass from its asdict() form; lists become tuples."""
-    kwargs = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v, t = values[f.name], hints[f.name]
-        if dataclasses.is_dataclass(t):
-            v = _from_dict(t, v)
-        elif isinstance(v, list):
-            v = tuple(v)
-        kwargs[f.name] = v
-    return cls(**kwargs)
-
-
-def load_run_config(workdir: Path) -> TrainConfig:
-    path = workdir / "config.json"
-    if not path.exists():
-        raise UserError(f"--workdir {workdir}: no config.json; it must be a run directory written by scgcm.train")
-    try:
-        return _from_dict(TrainConfig, json.loads(path.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--workdir {workdir}: {path.name} is unreadable ({type(e).__name__}: {str(e)[:100]})") from None
-
-
-@functools.cache
-def state_skeleton(cfg: TrainConfig) -> TrainState:
-    """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema);
-    cached: it takes a second to trace and never changes."""
-    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
-    return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
-
-
-def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
-    if not (checkpoint.isdigit() or checkpoint == "latest" or checkpoint.startswith(("best", "phema_"))):
-        raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>', 'phema_<σ_rel>' or a step, "
-                        f"not {checkpoint!r}")
-    skeleton = state_skeleton(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        if checkpoint.isdigit():
-            restored = ckpt.restore(skeleton, step=int(checkpoint))
-        elif checkpoint.startswith("phema_"):
-            restored = ckpt.restore(skeleton, which=checkpoint)
-        elif checkpoint.startswith("best"):
-            which = checkpoint.split("_", 1)[1] if "_" in checkpoint else mode
-            restored = ckpt.restore(skeleton, which=which)
-        else:
-            restored = ckpt.restore(skeleton)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise UserError(f"--checkpoint {checkpoint}: no such checkpoint in {workdir / 'checkpoints'}")
-    return restored
-
-
 def reference(args: SampleArgs, cfg: TrainConfig, extractor: fid.Extractor) -> tuple[fid.Stats, np.ndarray | None, str]:
     """`run_reference` of --fid-ref or --fid-source (which exclude each other)."""
     if args.fid_ref and args.fid_source:
         raise UserError("--fid-ref and --fid-source exclude each other: the reference is either a file or a dataset")
     return run_reference(cfg, extractor, args.fid_ref, args.fid_source)
-
-
-def run_reference(cfg: TrainConfig, extractor: fid.Extractor, fid_ref: str | None = None,
-                  fid_source: str | None = None) -> tuple[fid.Stats, np.ndarray | None, str]:
-    """Reference statistics, real features for precision/recall (None if the `fid_ref` file holds
-    none) and their description: `fid_ref`, else `fid_source`'s train split, else the run's data.
-    `extractor` may be a function that builds one: it is called only if features must be computed."""
-    if fid_ref:
-        stats, features = fid.read_reference(Path(fid_ref), "--fid-ref", need_features=True)
-        return stats, features, fid_ref
-    if fid_source:
-        stats, features = fid.reference(fid_source, extractor, flag="--fid-source", need_features=True)
-        return stats, features, f"{fid_source} (train)"
-    d, m = cfg.data, cfg.model
-    stats, features = data_reference(d.source, extractor, split=d.split, image_size=m.image_size, channels=m.channels,
-                                     synthetic_size=d.synthetic_size, seed=cfg.seed, need_features=True)
-    return stats, features, f"the run's data {d.source or 'cifar10'} ({d.split})"
-
-
-def run_sampler(cfg: TrainConfig, mode: str, *, two_step_sigma: float | jax.Array | None = None,
-                sigmas: tuple[float, ...] = (80.0, 0.661), heun_steps: int | None = None):
-    """The run's sampler of `mode` (its model shape, σ range, two-step σ and Heun steps unless given)."""
-    m = cfg.model
-    return make_sampler(
-        mode, shape=(m.channels, m.image_size, m.image_size), sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-        two_step_sigma=cfg.sample.two_step_sigma if two_step_sigma is None else two_step_sigma, sigmas=sigmas,
-        heun_steps=heun_steps or cfg.sample.heun_steps,
-    )
-
-
-def fid_extractor(batch_size: int) -> fid.FeatureExtractor:
-    """The standard Inception network, at most `batch_size` images at a time (and the backend's default)."""
-    return fid.FeatureExtractor(inception.load_inception(), batch_size=min(batch_size, fid.default_batch_size()),
-                                progress=True)
-
-
-def run_evaluator(cfg: TrainConfig, extractor: fid.Extractor, *, modes: tuple[str, ...], num: int, batch_size: int,
-                  seed: int, fid_ref: str | None = None) -> tuple[FIDEvaluator, str]:
-    """An evaluator of a run's models (`num` images of each of `modes` from `seed`, against `run_reference`)
-    and the reference's description; the reference is read (or a bad `fid_ref` refused) before the network is built."""
-    ref_stats, ref_features, ref_name = run_reference(cfg, extractor, fid_ref)
-    evaluator = FIDEvaluator(ref_stats, fid.resolve(extractor), {m: run_sampler(cfg, m) for m in modes}, num=num,
-                             batch_size=batch_size, seed=seed, progress=True, ref_features=ref_features)
-    return evaluator, ref_name
 
 
 def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, workdir: Path,

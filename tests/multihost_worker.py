@@ -23,6 +23,7 @@ def stand_in() -> StandIn:
 
 if __name__ == "__main__":
     from scgcm import train
+    from scgcm.eval import inception
 
-    train.inception.load_inception = stand_in  # what train() builds its FeatureExtractor from
+    inception.load_inception = stand_in  # what train() builds its FeatureExtractor from
     sys.exit(train.main())

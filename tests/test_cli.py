@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cli import checkpoint_arrays, run_train  # smoke_run: conftest.py
-from scgcm.rundir import compile_cache_dir
+
+from scgcm.run.rundir import compile_cache_dir
 
 
 def test_smoke_run_outputs(smoke_run):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scgcm.config import CPU, PRESETS, SMOKE, TrainConfig, apply_recipe, build_loss, validate_config
+from scgcm.run.config import CPU, PRESETS, SMOKE, TrainConfig, apply_recipe, build_loss, validate_config
 from scgcm.train import parse
 
 

@@ -11,16 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scgcm import order
-from scgcm.data import (
-    BatchLoader,
-    DataError,
-    batch_indices,
-    load_images,
-    synthetic_images,
-    to_model_range,
-    validate_images,
-)
+from scgcm.data import order
+from scgcm.data.images import to_model_range
+from scgcm.data.loader import BatchLoader, batch_indices
+from scgcm.data.sources import DataError, load_images, synthetic_images, validate_images
 
 REPO = Path(__file__).parents[1]
 SUBSET = Path(__file__).parents[2] / "shared/data/cifar10-subset"
@@ -245,14 +239,14 @@ def test_close_ends_the_thread(small):
 
 
 def test_worker_exception_reaches_the_caller(small, monkeypatch):
-    import scgcm.data
+    import scgcm.data.loader
 
     def broken(step, **kwargs):
         if step == 2:
             raise RuntimeError("boom at step 2")
         return batch_indices(step, **kwargs)
 
-    monkeypatch.setattr(scgcm.data, "batch_indices", broken)
+    monkeypatch.setattr(scgcm.data.loader, "batch_indices", broken)
     loader = BatchLoader(small, batch_size=4, seed=0)
     next(loader), next(loader)
     with pytest.raises(RuntimeError, match="boom at step 2"):

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from tiny import MICRO_MODEL
 
-from scgcm import edit as E
-from scgcm import samplers
-from scgcm.config import build_model
+from scgcm.core import editing as E, samplers
+from scgcm.parallel import editing as batched
+from scgcm.run.config import build_model
 
 SHAPE = (MICRO_MODEL.channels, MICRO_MODEL.image_size, MICRO_MODEL.image_size)  # (3, 8, 8)
 W = np.asarray(E.LUMINANCE)
@@ -97,7 +97,7 @@ def test_given_images_and_masks():
 def _edit(images, known, amap, editor, seed, batch_size=8, mesh=None, indices=None):
     given = jax.vmap(E.given_image, in_axes=(None, 0, 0))(amap, jnp.asarray(images), jnp.asarray(known))
     indices = np.arange(len(images)) if indices is None else indices
-    return E.edit_images(micro(), given, images, known, indices, seed=seed, editor=editor, amap=amap,
+    return batched.edit_images(micro(), given, images, known, indices, seed=seed, editor=editor, amap=amap,
                          batch_size=batch_size, mesh=mesh)[1]
 
 
@@ -168,7 +168,7 @@ def test_slerp_closed_forms():
 def test_interpolation_ends_are_one_step_samples():
     seed, shape = 6, SHAPE
     editor = E.ConsistencyEditor(jnp.asarray([80.0]), SIGMA_MIN, clip=False)
-    frames = E.interpolate_rows(micro(), 2, 3, seed=seed, editor=editor, shape=shape, batch_size=8)
+    frames = batched.interpolate_rows(micro(), 2, 3, seed=seed, editor=editor, shape=shape, batch_size=8)
     assert frames.shape == (2, 3, *shape)
     keys = jax.vmap(lambda i: jr.fold_in(jr.key(seed), i))(jnp.arange(4))
     onestep = eqx.filter_jit(jax.vmap(lambda m, k: samplers.multistep(m, k, (80.0,), shape, SIGMA_MIN), in_axes=(None, 0)))
@@ -183,7 +183,7 @@ def test_interpolation_ends_are_one_step_samples():
 
 @pytest.fixture(scope="module")
 def inputs8(tmp_path_factory):
-    from scgcm.data import synthetic_images
+    from scgcm.data.sources import synthetic_images
 
     folder = tmp_path_factory.mktemp("edit-inputs")
     np.savez(folder / "four.npz", images=synthetic_images(4, image_size=8, seed=3))  # the runs' size
@@ -194,7 +194,7 @@ def inputs8(tmp_path_factory):
 
 
 def _cli(argv):
-    from scgcm.edit_cli import main
+    from scgcm.edit import main
     from scgcm.errors import run_cli
 
     return run_cli(main, [str(a) for a in argv])
@@ -236,7 +236,7 @@ BAD = [
 
 
 def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs8, tmp_path, monkeypatch, capsys):
-    import scgcm.edit_cli as cli
+    import scgcm.edit as cli
 
     def no_model(*a, **k):
         raise AssertionError("the checkpoint must not be loaded for a bad input")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scgcm.data import DataError
+from scgcm.data.sources import DataError
 from scgcm.errors import UserError, debug_requested, run_cli
 
 

@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 from jaxtyping import Array, Float
 from PIL import Image
-
-from scgcm import fid, inception
-from scgcm.checkpoint import Checkpointer
-from scgcm.config import FIDConfig, build_model, validate_config
-from scgcm.errors import UserError
-from scgcm.evaluate import FIDEvaluator, data_statistics, plot_fid, read_fids
-from scgcm.generate import make_sampler
 from tiny import MICRO_MODEL, tiny_config
+
+from scgcm import fid as fid_cli
+from scgcm.errors import UserError
+from scgcm.eval import fid, inception
+from scgcm.eval.scores import FIDEvaluator, data_statistics
+from scgcm.parallel.generate import make_sampler
+from scgcm.run.checkpoint import Checkpointer
+from scgcm.run.config import FIDConfig, build_model, validate_config
+from scgcm.run.metrics import plot_fid, read_fids
 
 MODES = ("onestep", "twostep", "heun")
 RUN_MODES = ("onestep", "twostep")
@@ -60,7 +62,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fid_run(tmp_path_factory, extractor, cache):
     """4 updates of the micro model with FID (16 samples; two modes: the evaluator test compiles Heun) at steps 2 and 4."""
-    from scgcm.train import train
+    from scgcm.run.loop import train
 
     base = tiny_config()
     cfg = tiny_config(
@@ -183,7 +185,7 @@ def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch,
     ref = next(cache.glob("fid-ref-synthetic-*.npz"))  # the run's reference, computed by training
     assert sample.main([*args, "--fid-ref", str(ref)]) == 0
     assert f"FID (16 samples): {printed:.4f} (images 0–15" in capsys.readouterr().out
-    fid.main(fid.cli(["calc", str(out), "--ref", str(ref), "--batch-size", "8"]))
+    fid_cli.main(fid_cli.cli(["calc", str(out), "--ref", str(ref), "--batch-size", "8"]))
     assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(printed, rel=1e-4, abs=1e-4)
     with pytest.raises(UserError, match="--fid-ref .*missing.npz: no such file"):
         sample.main([*args, "--fid-ref", str(tmp_path / "missing.npz")])
@@ -246,7 +248,7 @@ def test_report_single_run_without_fid_and_bad_input(smoke_run, tmp_path, capsys
 
 
 def test_spike_count():
-    from scgcm.report import count_spikes
+    from scgcm.run.report import count_spikes
 
     means = np.ones(30)
     peaks = np.ones(30) * 1.5
@@ -258,7 +260,7 @@ def test_spike_count():
 def test_fid_of_the_untrained_model_and_a_larger_final_evaluation(fid_run, tmp_path, extractor, cache):
     """`fid.at_start` scores step 0; `fid.final_num`/`final_modes` change the last evaluation, which then
     keeps no best checkpoint (its count differs from the others'). Same programs as fid_run: compiled once."""
-    from scgcm.train import train
+    from scgcm.run.loop import train
 
     cfg = dataclasses.replace(fid_run, workdir=str(tmp_path / "run"), fid=dataclasses.replace(
         fid_run.fid, at_start=True, final_num=32, final_modes=("onestep",)))

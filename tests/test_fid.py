@@ -13,7 +13,8 @@ import pytest
 from jaxtyping import Array, Float
 from PIL import Image
 
-from scgcm import fid, inception
+from scgcm import fid as fid_cli
+from scgcm.eval import fid, inception
 
 
 class TinyNet(eqx.Module):
@@ -124,17 +125,17 @@ def test_cli_calc_prints_fid(tiny, tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", images=images)
     mu, sigma = fid.compute_statistics(fid.FeatureExtractor(tiny).features(images))
     fid.save_statistics(tmp_path / "ref.npz", mu, sigma)
-    fid.main(fid.Calc(samples=tmp_path / "samples.npz", ref=tmp_path / "ref.npz"))
+    fid_cli.main(fid_cli.Calc(samples=tmp_path / "samples.npz", ref=tmp_path / "ref.npz"))
     assert abs(float(capsys.readouterr().out.strip())) < 1e-4
 
 
 def test_cli_parses_and_helps(tmp_path, capsys):
-    command = fid.cli(["calc", "s.npz", "--ref", "r.npz", "--batch-size", "64"])
-    assert command == fid.Calc(samples=Path("s.npz"), ref=Path("r.npz"), batch_size=64)
-    assert fid.cli(["ref", "--source", "x", "--out", "o.npz"]) == fid.Ref(source="x", out=Path("o.npz"))
+    command = fid_cli.cli(["calc", "s.npz", "--ref", "r.npz", "--batch-size", "64"])
+    assert command == fid_cli.Calc(samples=Path("s.npz"), ref=Path("r.npz"), batch_size=64)
+    assert fid_cli.cli(["ref", "--source", "x", "--out", "o.npz"]) == fid_cli.Ref(source="x", out=Path("o.npz"))
     for args in (["calc", "--help"], ["ref", "--help"]):
         with pytest.raises(SystemExit) as e:
-            fid.cli(args)
+            fid_cli.cli(args)
         assert e.value.code == 0
     assert "--ref" in capsys.readouterr().out
     run = subprocess.run([sys.executable, "-m", "scgcm.fid", "--help"], capture_output=True, text=True)

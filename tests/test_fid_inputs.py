@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from jaxtyping import Array, Float
 from PIL import Image
-
-from scgcm import fid, inception, sample, statcache
-from scgcm.data import DataError, load_images, source_fingerprint
-from scgcm.errors import UserError, run_cli
-from scgcm.evaluate import data_statistics
-from scgcm.images import FID_CHANNELS, ImageArrayError, as_nhwc_uint8
 from tiny import tiny_config
+
+from scgcm import fid as fid_cli, sample
+from scgcm.data.images import FID_CHANNELS, ImageArrayError, as_nhwc_uint8
+from scgcm.data.sources import DataError, load_images, source_fingerprint
+from scgcm.errors import UserError, run_cli
+from scgcm.eval import fid, inception, statcache
+from scgcm.eval.scores import data_statistics
 
 
 class StandIn(eqx.Module):
@@ -71,7 +72,7 @@ def images(n, seed=0, size=8, channels=3):
 
 def cli(argv, capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `python -m scgcm.fid ARGV`, in this process."""
-    code = run_cli(fid.main, argv)
+    code = run_cli(fid_cli.main, argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -367,7 +368,7 @@ def test_ref_calc_and_training_read_arrays_alike(net, tmp_path):
 def test_default_batch_follows_the_backend(net):
     assert fid.default_batch_size("cpu") == 32 and fid.default_batch_size("gpu") == fid.default_batch_size("tpu") == 256
     assert fid.FeatureExtractor(net).batch_size == 32  # on this CPU (8 simulated devices)
-    assert fid.cli(["calc", "s.npz"]).batch_size is None and fid.cli(["ref"]).batch_size is None
+    assert fid_cli.cli(["calc", "s.npz"]).batch_size is None and fid_cli.cli(["ref"]).batch_size is None
     # the jitted per-batch function takes the uint8 batch at its own size and resizes inside
     jaxpr = jax.make_jaxpr(fid._extract)(net, jnp.zeros((2, 8, 8, 3), jnp.uint8))
     assert jaxpr.in_avals[-1].shape == (2, 8, 8, 3) and "299" in str(jaxpr)

@@ -9,7 +9,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from scgcm.head import Conv, Linear, ScoreHead, positional_embedding
+from scgcm.nn.head import Conv, Linear, ScoreHead, positional_embedding
 
 TINY = dict(feature_channels=32, temb_dim=64, model_channels=16, channel_mult=(1, 2), num_blocks=1,
             attn_levels=(1,))

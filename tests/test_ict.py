@@ -8,7 +8,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from scgcm.ict import ICTSchedule, heun_sigmas, karras_sigmas, lognormal_index_probs, num_scales
+from scgcm.core.ict import ICTSchedule, heun_sigmas, karras_sigmas, lognormal_index_probs, num_scales
 
 GRID_11 = [0.002, 0.01672, 0.08509, 0.31828, 0.96542, 2.51522, 5.83895, 12.38158, 24.40834, 45.31373, 80.0]
 PROBS_11 = [0.0626, 0.1817, 0.2455, 0.2135, 0.1424, 0.0806, 0.0411, 0.0196, 0.0089, 0.0040]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scgcm import inception
+from scgcm.eval import inception
 
 
 @pytest.fixture(scope="session")

@@ -44,10 +44,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli import FAST_XLA, checkpoint_arrays
-
+from PIL import Image
 
 HEARTBEAT_S = 5  # --config.heartbeat-timeout of the fault test: the survivor must stop within it (+ margin)
 ARGS = [
@@ -351,7 +349,7 @@ def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
 def test_when_to_join():
     """`distributed_args`: flags first, then JAX_* variables, then a scheduler's environment (JAX detects the
     rest); nothing for a single process; 'on' always, 'off' never."""
-    from scgcm.distributed import distributed_args
+    from scgcm.parallel.distributed import distributed_args
 
     assert distributed_args("auto", None, None, None, env={}) is None
     assert distributed_args("auto", "h:1", 2, 0, env={}) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
@@ -370,8 +368,8 @@ def test_when_to_join():
 
 def test_missing_coordinator_is_one_line(capsys):
     """A process other than 0 whose coordinator never answers: a one-line UserError after the timeout."""
-    from scgcm import distributed
     from scgcm.errors import UserError
+    from scgcm.parallel import distributed
 
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"process 1 of 2, coordinator localhost:\d+\): nothing answered at localhost:\d+ "

@@ -6,12 +6,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-
-from scgcm.config import build_loss, build_model, build_schedule
-from scgcm.losses import JointLoss, default_huber_c, pseudo_huber
-from scgcm.model import split_trainable
-
 from tiny import MICRO_ATTN_MODEL, MICRO_MODEL, tiny_config
+
+from scgcm.core.losses import JointLoss, default_huber_c, pseudo_huber
+from scgcm.nn.model import split_trainable
+from scgcm.run.config import build_loss, build_model, build_schedule
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +124,10 @@ def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
     """40 updates on 4 images lower the DSM loss at a fixed evaluation draw (σ, noise, dropout).
     The consistency loss is not a fixed objective (its target is the moving sg(θ)), so it only has
     to stay finite."""
-    from scgcm.state import init_state
-    from scgcm.step import batch_loss
     from tiny import tiny_train_step
+
+    from scgcm.core.state import init_state
+    from scgcm.core.step import batch_loss
 
     step, optim = tiny_train_step()
     cfg = tiny_config(model=MICRO_ATTN_MODEL)
@@ -147,8 +147,8 @@ def test_a_few_updates_lower_the_loss_on_a_fixed_batch(model):
 
 def test_compiled_initial_state_equals_the_eager_one():
     """build_state (one compiled program) gives the same state as building and initialising op by op."""
-    from scgcm.config import build_state
-    from scgcm.state import init_state, make_optimizer
+    from scgcm.core.state import init_state, make_optimizer
+    from scgcm.run.config import build_state
 
     cfg = tiny_config(seed=3, model=MICRO_MODEL)
     optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scgcm import data, device_data, order
+from scgcm.data import loader, on_device as device_data, order, sources
 
 M32 = 0xFFFFFFFF
 
@@ -91,10 +91,10 @@ def test_numpy_and_jax_give_the_same_bits():
 def test_batches_drawn_on_the_device_equal_the_host_loaders():
     """device_data.draw_batch from the step counter is BatchLoader's batch, bit for bit, for each process's
     rows of a 2-process run, across an epoch boundary."""
-    images = data.synthetic_images(20, image_size=8, seed=3)
+    images = sources.synthetic_images(20, image_size=8, seed=3)
     draw = jax.jit(lambda im, s, r: device_data.draw_batch(im, s, r, steps=3, seed=5, batch_size=8))
     for process in (0, 1):
-        host = data.BatchLoader(images, batch_size=8, seed=5, start_step=1, steps_per_call=3,
+        host = loader.BatchLoader(images, batch_size=8, seed=5, start_step=1, steps_per_call=3,
                                 process_index=process, process_count=2)
         try:
             for call in range(2):

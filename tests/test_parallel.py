@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-
-from scgcm.config import build_loss, build_model, build_schedule
-from scgcm.model import split_trainable
-from scgcm.parallel import global_batch, make_mesh, make_train_fn, replicate
-from scgcm.state import init_state, make_optimizer
-
 from tiny import MICRO_ATTN_MODEL, MICRO_MODEL, tiny_config
+
+from scgcm.core.state import init_state, make_optimizer
+from scgcm.nn.model import split_trainable
+from scgcm.parallel.mesh import global_batch, make_mesh, replicate
+from scgcm.parallel.train_fn import make_train_fn
+from scgcm.run.config import build_loss, build_model, build_schedule
 
 CFG = tiny_config(steps_per_call=2, model=MICRO_ATTN_MODEL)  # batch 8 of 8×8 images
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 3, 8, 8)).astype(np.float32)  # (calls' steps, batch, c, h, w)

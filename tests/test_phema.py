@@ -7,33 +7,33 @@ import json
 import shutil
 
 import equinox as eqx
-import optax
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jaxtyping import Array, Float
 import scipy.integrate
-
-from scgcm import phema
-from scgcm.errors import UserError
-from scgcm.losses import JointLoss
+from jaxtyping import Array, Float
 from tiny import MICRO_MODEL, tiny_config
+
+from scgcm import phema as phema_cli
+from scgcm.core import ema, phema
+from scgcm.core.losses import JointLoss
+from scgcm.errors import UserError
 
 
 def test_sigma_rel_and_gamma_invert_each_other_and_match_the_profiles_std():
     for sigma_rel in (0.05, 0.075, 0.10, 0.15):
-        gamma = phema.sigma_rel_to_gamma(sigma_rel)
-        assert phema.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
+        gamma = ema.sigma_rel_to_gamma(sigma_rel)
+        assert ema.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
         t = 100_000  # the discrete weights' std relative to t tends to σ_rel
         w, tau = phema.power_ema_weights(t, gamma), np.arange(1, t + 1)
         mean = w @ tau
         assert np.sqrt(w @ tau**2 - mean**2) / t == pytest.approx(sigma_rel, rel=1e-6)
-    assert phema.sigma_rel_to_gamma(0.10) == pytest.approx(6.9372, abs=1e-4)  # EDM2's two defaults
-    assert phema.sigma_rel_to_gamma(0.05) == pytest.approx(16.9722, abs=1e-4)
+    assert ema.sigma_rel_to_gamma(0.10) == pytest.approx(6.9372, abs=1e-4)  # EDM2's two defaults
+    assert ema.sigma_rel_to_gamma(0.05) == pytest.approx(16.9722, abs=1e-4)
     with pytest.raises(ValueError, match="sigma_rel"):
-        phema.sigma_rel_to_gamma(0.3)
+        ema.sigma_rel_to_gamma(0.3)
 
 
 def test_power_ema_update_has_the_closed_form_weights():
@@ -41,9 +41,9 @@ def test_power_ema_update_has_the_closed_form_weights():
     thetas = np.random.default_rng(0).standard_normal((t_end, 4))
     ema = jnp.zeros(4)
     for t in range(1, t_end + 1):
-        ema = phema.power_ema_update(ema, jnp.asarray(thetas[t - 1]), jnp.asarray(t), gamma)
+        ema = ema.power_ema_update(ema, jnp.asarray(thetas[t - 1]), jnp.asarray(t), gamma)
     w = phema.power_ema_weights(t_end, gamma)
-    assert w.sum() == pytest.approx(1.0, abs=1e-12) and float(phema.power_ema_beta(1, gamma)) == 0.0
+    assert w.sum() == pytest.approx(1.0, abs=1e-12) and float(ema.power_ema_beta(1, gamma)) == 0.0
     np.testing.assert_allclose(np.asarray(ema), w @ thetas, rtol=1e-5, atol=1e-6)
 
 
@@ -63,7 +63,7 @@ def _trajectory_and_snapshots(T=2000, every=100, stored=(0.05, 0.10)):
     rng = np.random.default_rng(0)
     tau = np.arange(1, T + 1)[:, None]
     theta = np.cumsum(rng.standard_normal((T, 6)), 0) / np.sqrt(T) + np.sin(tau / np.array([100, 300, 700, 50, 1000, 2000]))
-    gammas = [phema.sigma_rel_to_gamma(s) for s in stored]
+    gammas = [ema.sigma_rel_to_gamma(s) for s in stored]
     emas, snaps = [theta[0] * 0 for _ in gammas], []
     for t in range(1, T + 1):
         for i, g in enumerate(gammas):
@@ -82,7 +82,7 @@ def test_reconstruction_on_a_synthetic_trajectory():
     T = len(theta)
     spread = np.abs(values[-1] - values[-2]).max()  # how far the two stored EMAs are apart at T
     for sigma_rel, tol in ((0.10, 1e-12), (0.05, 1e-12), (0.075, 1e-3 * spread)):
-        gamma = phema.sigma_rel_to_gamma(sigma_rel)
+        gamma = ema.sigma_rel_to_gamma(sigma_rel)
         x = phema.solve_coefficients(snap_t, snap_gamma, T, gamma)
         assert x.sum() == pytest.approx(1.0, abs=1e-12)
         reconstructed = phema.combine([jnp.asarray(v, jnp.float32) for v in values], x)  # float64 sum, float32 out
@@ -117,12 +117,12 @@ class ParamLoss(JointLoss):
 
 
 def test_train_step_updates_the_power_emas():
-    from scgcm.config import build_model, build_schedule
-    from scgcm.model import split_trainable
-    from scgcm.state import init_state
-    from scgcm.step import train_step
+    from scgcm.core.state import init_state
+    from scgcm.core.step import train_step
+    from scgcm.nn.model import split_trainable
+    from scgcm.run.config import build_model, build_schedule
 
-    gammas = (phema.sigma_rel_to_gamma(0.05), phema.sigma_rel_to_gamma(0.10))
+    gammas = (ema.sigma_rel_to_gamma(0.05), ema.sigma_rel_to_gamma(0.10))
     optim = optax.sgd(0.1)
     # the model's structure is what matters (the loss reads only the parameters): filled shapes, not an
     # eager initialisation, which compiles hundreds of small programs
@@ -150,14 +150,16 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     """Snapshots made by hand (perturbed copies of the smoke run's EMA, at steps 4 and 8) in a copy of
     the smoke run marked --config.phema; the CLI's reconstruction is checked, then sampled with --fid.
     Orbax reads and writes cost seconds each here, so there are as few as the path allows."""
-    from scgcm import inception, sample
-    from scgcm.checkpoint import CHECKSUMS, Checkpointer
+    from scgcm import sample
+    from scgcm.eval import inception
+    from scgcm.run import load
+    from scgcm.run.checkpoint import CHECKSUMS, Checkpointer
 
     workdir = tmp_path / "run"
     shutil.copytree(smoke_run, workdir)  # other tests read the session's run
-    cfg = sample.load_run_config(workdir)
+    cfg = load.load_run_config(workdir)
     as_jax = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, tree)
-    state = as_jax(sample.load_state(workdir, cfg, "8")[0])  # restored leaves are numpy
+    state = as_jax(load.load_state(workdir, cfg, "8")[0])  # restored leaves are numpy
     config = json.loads((workdir / "config.json").read_text())
     config["config"].update(phema=True, phema_sigma_rels=[0.05, 0.10])
     (workdir / "config.json").write_text(json.dumps(config))
@@ -171,13 +173,13 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     ckpt.close()
     assert (workdir / "checkpoints" / "phema" / "4" / CHECKSUMS).is_file()  # main's checksums, as every checkpoint
 
-    assert phema.main([str(workdir), "--sigma-rel", "0.08"]) == 0
+    assert phema_cli.main([str(workdir), "--sigma-rel", "0.08"]) == 0
     assert "--checkpoint phema_0.080" in capsys.readouterr().out
     assert (workdir / "checkpoints" / "phema_0.080" / "8" / CHECKSUMS).is_file()
     leaf = lambda tree: np.asarray(tree.torso.conv_in.weight, np.float64)
-    between, step = sample.load_state(workdir, sample.load_run_config(workdir), "phema_0.080")
-    gammas = [phema.sigma_rel_to_gamma(s) for s in (0.05, 0.10)]
-    x = phema.solve_coefficients(np.array([4.0, 4, 8, 8]), np.tile(gammas, 2), 8, phema.sigma_rel_to_gamma(0.08))
+    between, step = load.load_state(workdir, load.load_run_config(workdir), "phema_0.080")
+    gammas = [ema.sigma_rel_to_gamma(s) for s in (0.05, 0.10)]
+    x = phema.solve_coefficients(np.array([4.0, 4, 8, 8]), np.tile(gammas, 2), 8, ema.sigma_rel_to_gamma(0.08))
     assert step == 8
     want = sum(c * leaf(m) for c, m in zip(x, (*snapshots[4], *snapshots[8])))
     np.testing.assert_allclose(leaf(between.ema), want, rtol=1e-5, atol=1e-6)
@@ -194,6 +196,6 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     assert np.load(out)["images"].shape == (6, 8, 8, 3)
     assert json.loads(out.with_suffix(".fid.json").read_text())["checkpoint"] == "phema_0.080"
     with pytest.raises(UserError, match="--sigma-rel 0.5"):
-        phema.main([str(workdir), "--sigma-rel", "0.5"])
+        phema_cli.main([str(workdir), "--sigma-rel", "0.5"])
     with pytest.raises(UserError, match=r"no snapshot at --step 6 \(snapshots: 4, 8\)"):  # the fit would extrapolate
-        phema.main([str(workdir), "--sigma-rel", "0.08", "--step", "6"])
+        phema_cli.main([str(workdir), "--sigma-rel", "0.08", "--step", "6"])

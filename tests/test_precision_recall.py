@@ -4,7 +4,7 @@ brute-force numpy check, and independence from the block size."""
 import numpy as np
 import pytest
 
-from scgcm.precision_recall import knn_radii, precision_recall, subsample
+from scgcm.eval.precision_recall import knn_radii, precision_recall, subsample
 
 
 def _brute_force(real, gen, k):

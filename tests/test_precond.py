@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scgcm.precond import cm_coefficients, edm_weight
+from scgcm.nn.precond import cm_coefficients, edm_weight
 
 
 @pytest.mark.parametrize("sigma", [0.002, 0.1, 0.661, 5.0, 80.0])

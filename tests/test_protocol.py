@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from scgcm.errors import UserError
-from scgcm.fid import fid_label
-from scgcm.protocol import GOLDEN, golden_section_search, seed_ranges, summarize
+from scgcm.eval.fid import fid_label
+from scgcm.eval.protocol import GOLDEN, golden_section_search, seed_ranges, summarize
 
 
 def test_default_seed_ranges_are_edms_and_disjoint():

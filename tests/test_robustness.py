@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-
 from cli import checkpoint_arrays, run_train, train_cmd, train_env
 
 
@@ -115,9 +114,10 @@ def test_skip_nonfinite_counts_skipped_updates(tmp_path):
 
 
 def test_skipped_update_keeps_weights_and_advances_step():
-    from scgcm.config import build_model
-    from scgcm.state import init_state
     from tiny import MICRO_ATTN_MODEL, tiny_train_step
+
+    from scgcm.core.state import init_state
+    from scgcm.run.config import build_model
 
     step, optim = tiny_train_step()
     state = init_state(eqx.filter_jit(build_model)(MICRO_ATTN_MODEL, key=jr.key(0)), optim, jr.key(1))
@@ -139,7 +139,7 @@ def _toy_state(value: float):
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
-    from scgcm.checkpoint import Checkpointer
+    from scgcm.run.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path, keep=3)
     ckpt.save(1, _toy_state(1.0))
@@ -156,7 +156,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
 
 
 def test_incomplete_checkpoint_is_never_picked(tmp_path):
-    from scgcm.checkpoint import Checkpointer
+    from scgcm.run.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path, keep=3)
     ckpt.save(1, _toy_state(1.0))

@@ -28,10 +28,10 @@ import jax.random as jr
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from cli import checkpoint_arrays, train_cmd, train_env
-from scgcm.errors import run_cli
 from tiny import MICRO_MODEL, tiny_config
+
+from scgcm.errors import run_cli
 
 
 def _micro(workdir: Path, **overrides):
@@ -45,7 +45,7 @@ def _micro(workdir: Path, **overrides):
 
 def _train_cli(cfg, capsys) -> tuple[int, list[str]]:
     """train(cfg) under the CLI's error rule: (exit code, the `error:` lines on stderr)."""
-    from scgcm.train import train
+    from scgcm.run.loop import train
 
     code = run_cli(lambda argv: train(cfg), [])
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -88,7 +88,7 @@ def _strict_json(line: str) -> dict:
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     """Updates 1-4 of the micro model with a NaN planted in update 2 (skipped): checkpoints at 2 and 4."""
-    from scgcm.train import train
+    from scgcm.run.loop import train
 
     workdir = tmp_path_factory.mktemp("runs") / "micro"
     with pytest.MonkeyPatch.context() as mp:
@@ -101,7 +101,7 @@ def micro_run(tmp_path_factory):
 def resumed(micro_run, tmp_path_factory):
     """A copy of micro_run whose step-4 checkpoint got 64 random bytes and whose metrics.jsonl ends in a
     torn line, run again: it must resume from step 2 and redo updates 3-4."""
-    from scgcm.train import train
+    from scgcm.run.loop import train
 
     workdir = tmp_path_factory.mktemp("runs") / "resumed"
     shutil.copytree(micro_run, workdir)
@@ -159,7 +159,7 @@ def test_all_checkpoints_unreadable_refuses_to_start(micro_run, tmp_path, capsys
 
 
 def test_second_trainer_on_a_locked_run_dir_is_refused(micro_run, tmp_path, capsys):
-    from scgcm.rundir import RunLock
+    from scgcm.run.rundir import RunLock
 
     workdir = tmp_path / "run"
     shutil.copytree(micro_run, workdir)
@@ -175,7 +175,7 @@ def test_second_trainer_on_a_locked_run_dir_is_refused(micro_run, tmp_path, caps
 
 
 def test_changed_seed_on_resume_is_refused(micro_run, tmp_path, capsys):
-    from scgcm.rundir import config_changes
+    from scgcm.run.rundir import config_changes
 
     workdir = tmp_path / "run"
     shutil.copytree(micro_run, workdir)
@@ -269,7 +269,7 @@ def _toy_state(value: float):
 
 
 def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch):
-    from scgcm.checkpoint import Checkpointer, CheckpointWriteError
+    from scgcm.run.checkpoint import Checkpointer, CheckpointWriteError
 
     ckpt = Checkpointer(tmp_path, keep=3)
     ckpt.save(1, _toy_state(1.0))
@@ -288,7 +288,7 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch):
 
 
 def test_checkpoint_without_its_data_folder_is_moved_aside_and_saving_goes_on(tmp_path, caplog):
-    from scgcm.checkpoint import Checkpointer
+    from scgcm.run.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path, keep=3)
     ckpt.save(1, _toy_state(1.0))
@@ -318,7 +318,7 @@ def _cifar_tar_gz(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_archive_is_one_line(tmp_path, damage):
-    from scgcm.data import DataError, load_images
+    from scgcm.data.sources import DataError, load_images
 
     path = tmp_path / "cifar-10-python.tar.gz"
     _cifar_tar_gz(path)
@@ -332,7 +332,7 @@ def test_corrupt_archive_is_one_line(tmp_path, damage):
 
 
 def test_offline_hub_is_one_quick_line(monkeypatch):
-    from scgcm import data
+    from scgcm.data import sources as data
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)

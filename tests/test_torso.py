@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from scgcm.layers import (
+from scgcm.nn.layers import (
     FIR_KERNEL,
     ConvDown,
     Frozen,
@@ -21,7 +21,7 @@ from scgcm.layers import (
     group_norm,
     variance_scaling_fan_avg_uniform,
 )
-from scgcm.torso import NCSNpp
+from scgcm.nn.torso import NCSNpp
 
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), image_size=32)
 

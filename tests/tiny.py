@@ -3,7 +3,7 @@
 import dataclasses
 import functools
 
-from scgcm.config import SMOKE, HeadConfig, ModelConfig, TorsoConfig, TrainConfig
+from scgcm.run.config import SMOKE, HeadConfig, ModelConfig, TorsoConfig, TrainConfig
 
 TINY_MODEL = ModelConfig(
     torso=TorsoConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)),
@@ -37,11 +37,10 @@ def tiny_train_step():
     """One jitted single-device `train_step` of MICRO_ATTN_MODEL with fixed tiny hyperparameters,
     shared by every test that needs it (one compile per session)."""
     import equinox as eqx
-
     import optax
 
-    from scgcm.config import build_loss, build_schedule
-    from scgcm.step import train_step
+    from scgcm.core.step import train_step
+    from scgcm.run.config import build_loss, build_schedule
 
     cfg = tiny_config(model=MICRO_ATTN_MODEL)
     optim = optax.adam(1e-3)  # RAdam's warm-up would need hundreds of updates to show a trend

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from scgcm.head import ScoreHead
-from scgcm.layers import Frozen
-from scgcm.precond import cm_coefficients
-from scgcm.torso import NCSNpp
+from scgcm.nn.head import ScoreHead
+from scgcm.nn.layers import Frozen
+from scgcm.nn.precond import cm_coefficients
+from scgcm.nn.torso import NCSNpp
 
 
 class SCGCM(eqx.Module):

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from scgcm.model import SCGCM
-from scgcm.precond import edm_weight
+from scgcm.nn.model import SCGCM
+from scgcm.nn.precond import edm_weight
 
 HuberForm = Literal["elementwise", "per_image"]
 Variant = Literal["score", "vanilla"]

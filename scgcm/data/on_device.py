@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt8
 
-from scgcm import order
-from scgcm.data import to_model_range
-
+from scgcm.data import order
+from scgcm.data.images import to_model_range
 
 # The 256 float32 values of `data.to_model_range` (x / 127.5 − 1, rounded as numpy does), looked up on the
 # device: XLA would turn the division into a multiplication by 1/127.5, one ulp away for some x.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from scgcm.layers import AttnBlock, ConvDown, Frozen, ResnetBlockBigGAN, conv3x3, dense, group_norm
+from scgcm.nn.layers import AttnBlock, ConvDown, Frozen, ResnetBlockBigGAN, conv3x3, dense, group_norm
 
 
 class DownLevel(eqx.Module):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from scgcm.model import SCGCM, split_trainable
+from scgcm.nn.model import SCGCM, split_trainable
 
 
 class TrainState(eqx.Module):
@@ -43,9 +43,3 @@ def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyAr
     copy = lambda: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, model)  # own buffers
     phema = tuple(copy() for _ in range(num_phema)) if num_phema else None
     return TrainState(model, copy(), optim.init(trainable), jnp.zeros((), jnp.int32), key, phema)
-
-
-def ema_update(ema: PyTree, params: PyTree, step: Int[Array, ""], decay: float, copy_steps: int) -> PyTree:
-    """θ_ema ← d·θ_ema + (1 − d)·θ, with d = 0 while step ≤ copy_steps (the reference's first-updates rule)."""
-    d = jnp.where(step <= copy_steps, 0.0, decay)
-    return jax.tree_util.tree_map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), ema, params)

@@ -268,14 +268,6 @@ def preprocess(images: UInt8[Array, "b h w 3"], size: int = 299) -> Float[Array,
     return (x - 128.0) / 128.0
 
 
-def to_uint8(x: Float[Array, "*shape"]) -> UInt8[Array, "*shape"]:
-    """Samples in [-1, 1] → uint8 by rounding: clip(round((x + 1)·127.5), 0, 255), ties up.
-
-    The rule of EDM's `(x * 127.5 + 128).clip(0, 255).to(uint8)` (fid.md). The original Flax
-    consistency-model code truncated instead, which darkens by half a level on average."""
-    return jnp.clip(jnp.floor(x * 127.5 + 128.0), 0, 255).astype(jnp.uint8)
-
-
 # ------------------------------------------------------------------- reading TorchScript without torch
 
 

@@ -12,12 +12,13 @@ import equinox as eqx
 import jax.random as jr
 import optax
 
-from scgcm.head import ScoreHead
-from scgcm.ict import ICTSchedule
-from scgcm.losses import HuberForm, JointLoss, Variant, default_huber_c
-from scgcm.model import SCGCM
-from scgcm.state import TrainState, init_state
-from scgcm.torso import NCSNpp
+from scgcm.core.ema import gamma_to_sigma_rel
+from scgcm.core.ict import ICTSchedule
+from scgcm.core.losses import HuberForm, JointLoss, Variant, default_huber_c
+from scgcm.core.state import TrainState, init_state
+from scgcm.nn.head import ScoreHead
+from scgcm.nn.model import SCGCM
+from scgcm.nn.torso import NCSNpp
 
 Preset = Literal["paper", "smoke", "cpu"]
 Recipe = Literal["reference", "ict"]
@@ -419,8 +420,6 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
         if cfg.fid.ref is not None and not Path(cfg.fid.ref).is_file():
             errors.append(f"--config.fid.ref {cfg.fid.ref}: no such file")
     if cfg.phema:
-        from scgcm.phema import gamma_to_sigma_rel
-
         widest = gamma_to_sigma_rel(0.0)
         if not cfg.phema_sigma_rels or any(not 0 < s < widest for s in cfg.phema_sigma_rels) \
                 or len(set(cfg.phema_sigma_rels)) != len(cfg.phema_sigma_rels):

@@ -13,11 +13,11 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from scgcm.ict import ICTSchedule
-from scgcm.losses import JointLoss
-from scgcm.model import SCGCM, split_trainable
-from scgcm.phema import power_ema_update
-from scgcm.state import TrainState, ema_update
+from scgcm.core.ema import ema_update, power_ema_update
+from scgcm.core.ict import ICTSchedule
+from scgcm.core.losses import JointLoss
+from scgcm.core.state import TrainState
+from scgcm.nn.model import SCGCM, split_trainable
 
 
 def _all_finite(tree: PyTree) -> Array:

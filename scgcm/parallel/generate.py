@@ -21,9 +21,10 @@ from jax.sharding import Mesh
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from scgcm import samplers
-from scgcm.model import SCGCM
-from scgcm.parallel import split_rows
+from scgcm.core import samplers
+from scgcm.data.images import to_uint8_nhwc
+from scgcm.nn.model import SCGCM
+from scgcm.parallel.mesh import split_rows
 
 Mode = Literal["onestep", "twostep", "multistep", "heun"]
 MODES: tuple[str, ...] = ("onestep", "twostep", "multistep", "heun")
@@ -56,7 +57,7 @@ def make_sampler(
 
 @eqx.filter_jit
 def _sample_batch(model: SCGCM, keys: jax.Array, sampler) -> jax.Array:
-    return samplers.to_uint8(jax.vmap(sampler, in_axes=(None, 0))(model, keys))
+    return to_uint8_nhwc(jax.vmap(sampler, in_axes=(None, 0))(model, keys))
 
 
 def generate(

@@ -2,17 +2,16 @@
 
 Noise comes from the caller's key, one key per image, so image i depends only on its own key:
 the same seed gives the same images whatever the batch size or device count.
-Outputs are not clipped; `to_uint8` does that when images leave the model.
+Outputs are not clipped; `scgcm.data.images.to_uint8` does that when images leave the model.
 """
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, Float, PRNGKeyArray, UInt8
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from scgcm import inception
-from scgcm.ict import heun_sigmas
-from scgcm.model import SCGCM
+from scgcm.core.ict import heun_sigmas
+from scgcm.nn.model import SCGCM
 
 
 def _latent(key: PRNGKeyArray, shape: tuple[int, ...], index: int) -> Float[Array, "c h w"]:
@@ -59,8 +58,3 @@ def heun(
     x = t[0] * _latent(key, shape, 0)
     x, _ = jax.lax.scan(heun_step, x, (t[:-2], t[1:-1]))
     return x + (t[-1] - t[-2]) * slope(x, t[-2])  # the last step, to σ = 0, is Euler only
-
-
-def to_uint8(images: Float[Array, "*b c h w"]) -> UInt8[Array, "*b h w c"]:
-    """[-1, 1] channel-first floats → uint8 channel-last with EDM's rounding (the reference truncated, quirk Q8)."""
-    return jnp.moveaxis(inception.to_uint8(images), -3, -1)

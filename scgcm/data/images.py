@@ -4,7 +4,7 @@
     converted    uint8, 4-d, channels first [N, C, H, W]             transposed to [N, H, W, C]
                  uint8, 3-d [N, H, W], when one channel is asked for  read as [N, H, W, 1]
     refused      any other dtype (float, int64, bool: scale and cast to uint8 0..255 yourself;
-                 samples in [-1, 1] go through `scgcm.inception.to_uint8`), other ranks, no images,
+                 samples in [-1, 1] go through `to_uint8` below), other ranks, no images,
                  a channel count that is not asked for, a size other than `image_size`
 
 The channel axis is the last one when its length is an accepted channel count, else axis 1 when
@@ -18,8 +18,9 @@ import zipfile
 from collections.abc import Collection
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
-from jaxtyping import UInt8
+from jaxtyping import Array, Float, UInt8
 
 from scgcm.errors import UserError
 
@@ -82,3 +83,24 @@ def read_npz(path: str | Path) -> np.ndarray:
         if isinstance(e, ImageArrayError):
             raise
         raise ImageArrayError(f"{path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def to_model_range(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, C] -> float32 [..., C, H, W] in [-1, 1], as x/127.5 − 1."""
+    out = np.moveaxis(images_u8, -1, -3).astype(np.float32, order="C")
+    out /= 127.5
+    out -= 1.0
+    return out
+
+
+def to_uint8(x: Float[Array, "*shape"]) -> UInt8[Array, "*shape"]:
+    """Samples in [-1, 1] → uint8 by rounding: clip(round((x + 1)·127.5), 0, 255), ties up.
+
+    The rule of EDM's `(x * 127.5 + 128).clip(0, 255).to(uint8)` (fid.md). The original Flax
+    consistency-model code truncated instead, which darkens by half a level on average."""
+    return jnp.clip(jnp.floor(x * 127.5 + 128.0), 0, 255).astype(jnp.uint8)
+
+
+def to_uint8_nhwc(images: Float[Array, "*b c h w"]) -> UInt8[Array, "*b h w c"]:
+    """[-1, 1] channel-first floats → uint8 channel-last with EDM's rounding (the reference truncated, quirk Q8)."""
+    return jnp.moveaxis(to_uint8(images), -3, -1)

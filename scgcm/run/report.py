@@ -1,0 +1,277 @@
+"""Comparing training runs (`python -m scgcm.report`).
+
+Reads each run directory's `metrics.jsonl`, `config.json` and `samples/` (a run still going is read
+as far as it has got; a torn last line is skipped) and writes to DIR:
+
+    <quantity>.png    the runs overlaid against updates (left) and kimg (right): losses, torso
+                      gradient norm (interval mean, and the largest single update as a thin line),
+                      update distance, N(k), images/s, skipped updates; fid_<mode>.png per sampling
+                      mode, one line per run and sample count (FID depends on the count)
+    grids_<mode>.png  the sample grids of all runs side by side (columns) at matching steps (rows)
+    report.md         a summary table per run, an FID table, the plots and grids
+
+A gradient-norm spike is a logged interval whose largest per-update torso gradient norm exceeds
+`--spike-factor` (default 3) times the median of the interval means of the `--spike-window`
+(default 10) intervals before it; the first window of intervals is not judged.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib import rcParams
+from PIL import Image, ImageDraw, ImageFont
+
+from scgcm.errors import UserError
+from scgcm.eval.plot import figure
+
+# (metric key, title, log scale)
+CURVES = (
+    ("loss_ct", "consistency loss", True),
+    ("loss_dsm", "DSM loss (score head)", True),
+    ("grad_norm", "torso gradient norm", True),
+    ("update_distance", "torso update distance", True),
+    ("num_scales", "N(k), discretisation steps", False),
+    ("images_per_sec", "training images/s", False),
+    ("skipped_total", "skipped updates (total)", False),
+)
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    lines: list[dict]
+    grids: dict[str, dict[int, Path]] = field(default_factory=dict)  # mode -> step -> PNG
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, kimg, values) of the lines that hold a finite `key`."""
+        rows = [(r["step"], r.get("kimg", r["step"] * self.batch / 1000), r[key]) for r in self.lines
+                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return tuple(np.asarray(c, float) for c in zip(*rows)) if rows else (np.zeros(0),) * 3
+
+    @property
+    def batch(self) -> int:
+        return int(self.config.get("batch_size", 1))
+
+    def fids(self) -> dict[tuple[str, int | None], list[tuple[int, float]]]:
+        """{(mode, sample count): [(step, FID), ...]} in file order."""
+        default_num = self.config.get("fid", {}).get("num")
+        out: dict[tuple[str, int | None], list[tuple[int, float]]] = {}
+        for r in self.lines:
+            for k, v in r.items():
+                if k.startswith("fid_") and isinstance(v, (int, float)):
+                    num = r.get("num_fid_samples", default_num)
+                    out.setdefault((k[4:], None if num is None else int(num)), []).append((int(r["step"]), float(v)))
+        return out
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    path = Path(path)
+    metrics = path / "metrics.jsonl"
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    lines = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written, or torn by a crash
+    if not lines:
+        raise UserError(f"{path}: no metrics.jsonl with any logged interval (not a scgcm.train run directory, or nothing logged yet)")
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()).get("config", {}) if config_file.is_file() else {}
+    grids: dict[str, dict[int, Path]] = {}
+    for png in sorted((path / "samples").glob("*_*.png")):
+        m = re.fullmatch(r"([a-z]+)_(\d+)", png.stem)
+        if m:
+            grids.setdefault(m.group(1), {})[int(m.group(2))] = png
+    return Run(name or path.name, path, config, lines, grids)
+
+
+def count_spikes(grad_norm: np.ndarray, grad_norm_max: np.ndarray, factor: float = 3.0, window: int = 10) -> int:
+    """Intervals whose largest update norm exceeds `factor` × the median interval mean of the `window` before."""
+    return sum(int(grad_norm_max[i] > factor * np.median(grad_norm[i - window:i]))
+               for i in range(window, len(grad_norm)))
+
+
+def spikes(run: Run, factor: float, window: int) -> int:
+    rows = [r for r in run.lines if isinstance(r.get("grad_norm"), (int, float))]
+    means = np.asarray([r["grad_norm"] for r in rows], float)
+    peaks = np.asarray([r.get("grad_norm_max", r["grad_norm"]) for r in rows], float)
+    return count_spikes(means, peaks, factor, window)
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    h, rest = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def summary_rows(runs: list[Run], factor: float, window: int) -> list[dict]:
+    rows = []
+    for run in runs:
+        last = run.lines[-1]
+        train_lines = [r for r in run.lines if "loss_ct" in r]
+        elapsed = [r["elapsed_s"] for r in run.lines if isinstance(r.get("elapsed_s"), (int, float))]
+        rows.append({
+            "run": run.name, "variant": run.config.get("variant", "?"), "preset": run.config.get("preset", "?"),
+            "recipe": run.config.get("recipe", "reference"), "seed": run.config.get("seed", "?"),
+            "updates": max(r["step"] for r in run.lines),
+            "kimg": max((r["kimg"] for r in train_lines if "kimg" in r), default=last["step"] * run.batch / 1000),
+            "wall": elapsed[-1] if elapsed else None,
+            "loss_ct": train_lines[-1]["loss_ct"] if train_lines else None,
+            "spikes": spikes(run, factor, window),
+            "skipped": max((r.get("skipped_total", 0) or 0 for r in run.lines), default=0),
+        })
+    return rows
+
+
+def fid_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for run in runs:
+        for (mode, num), points in sorted(run.fids().items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+            finite = [(s, v) for s, v in points if math.isfinite(v)]
+            best = min(finite, key=lambda sv: sv[1]) if finite else (None, math.nan)
+            rows.append({"run": run.name, "mode": mode, "samples": num, "evaluations": len(points),
+                         "first": points[0], "last": points[-1], "best": best})
+    return rows
+
+
+def _label(run: Run, num: int | None = None) -> str:
+    return run.name + (f" ({num:,} samples)" if num else "")
+
+
+def plot_curves(runs: list[Run], out: Path) -> list[Path]:
+    written = []
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    for key, title, log in CURVES:
+        if not any(len(run.series(key)[0]) for run in runs):
+            continue
+        fig = figure(11, 3.8)
+        axes = fig.subplots(1, 2, sharey=True)
+        for i, run in enumerate(runs):
+            steps, kimg, values = run.series(key)
+            colour = colours[i % len(colours)]
+            for ax, x in zip(axes, (steps, kimg)):
+                ax.plot(x, values, color=colour, label=run.name, lw=1.4)
+                if key == "grad_norm":
+                    s2, k2, peaks = run.series("grad_norm_max")
+                    ax.plot(s2 if ax is axes[0] else k2, peaks, color=colour, lw=0.6, alpha=0.5)
+        for ax, xlabel in zip(axes, ("updates", "kimg")):
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if log and all(np.all(run.series(key)[2] > 0) for run in runs):
+                ax.set_yscale("log")
+        axes[0].set_ylabel(title + (" (thin: largest update)" if key == "grad_norm" else ""))
+        axes[0].legend(fontsize=8)
+        fig.suptitle(title)
+        fig.tight_layout()
+        written.append(out / f"{key}.png")
+        fig.savefig(written[-1], dpi=90)
+
+    modes = sorted({mode for run in runs for mode, _ in run.fids()})
+    for mode in modes:
+        fig = figure(11, 3.8)
+        axes = fig.subplots(1, 2, sharey=True)
+        for i, run in enumerate(runs):
+            for j, ((m, num), points) in enumerate(sorted(run.fids().items(), key=lambda kv: kv[0][1] or 0)):
+                if m != mode:
+                    continue
+                steps = np.asarray([s for s, _ in points], float)
+                values = np.asarray([v for _, v in points], float)
+                for ax, x in zip(axes, (steps, steps * run.batch / 1000)):
+                    ax.plot(x, values, color=colours[i % len(colours)], marker="os^v"[j % 4],
+                            ls="-" if j == 0 else ":", label=_label(run, num))
+        for ax, xlabel in zip(axes, ("updates", "kimg")):
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(f"FID, {mode}")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"FID ({mode}); fewer than 50,000 samples biases FID upward")
+        fig.tight_layout()
+        written.append(out / f"fid_{mode}.png")
+        fig.savefig(written[-1], dpi=90)
+    return written
+
+
+def matching_steps(runs: list[Run], mode: str, rows: int) -> list[int]:
+    """Up to `rows` steps, evenly spread, at which every run has a grid of `mode` (else each run's latest)."""
+    common = sorted(set.intersection(*(set(run.grids.get(mode, {})) for run in runs)))
+    if not common:
+        return []
+    picks = np.unique(np.round(np.linspace(0, len(common) - 1, min(rows, len(common)))).astype(int))
+    return [common[i] for i in picks]
+
+
+def side_by_side(runs: list[Run], mode: str, out: Path, rows: int = 3, cell: int = 192) -> Path | None:
+    """One PNG: a column per run, a row per matching step, each cell the run's grid at that step."""
+    steps = matching_steps(runs, mode, rows)
+    if not steps:
+        return None
+    font = ImageFont.load_default()
+    pad, head, side = 6, 18, 90
+    sheet = Image.new("RGB", (side + len(runs) * (cell + pad) + pad, head + len(steps) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, run in enumerate(runs):
+        draw.text((side + pad + c * (cell + pad) + cell // 2, head // 2), run.name, fill="black", font=font, anchor="mm")
+    for r, step in enumerate(steps):
+        y = head + pad + r * (cell + pad)
+        draw.text((side - 6, y + cell // 2), f"{step:,} updates", fill="black", font=font, anchor="rm")
+        for c, run in enumerate(runs):
+            grid = Image.open(run.grids[mode][step]).convert("RGB").resize((cell, cell), Image.NEAREST)
+            sheet.paste(grid, (side + pad + c * (cell + pad), y))
+    path = out / f"grids_{mode}.png"
+    sheet.save(path)
+    return path
+
+
+def _num(v, digits: int = 2) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:,.{digits}f}"
+
+
+def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Path], factor: float, window: int) -> Path:
+    lines = ["# Run comparison", "", "Runs: " + ", ".join(f"`{run.path}`" for run in runs), ""]
+    lines += ["| run | variant | preset | recipe | seed | updates | kimg | wall time | last loss_ct | grad-norm spikes | skipped |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary_rows(runs, factor, window):
+        lines.append(f"| {r['run']} | {r['variant']} | {r['preset']} | {r['recipe']} | {r['seed']} | {r['updates']:,} | "
+                     f"{r['kimg']:,.1f} | {_fmt_time(r['wall'])} | {_num(r['loss_ct'], 4)} | {r['spikes']} | {r['skipped']} |")
+    lines += ["", f"Spike: a logged interval whose largest per-update torso gradient norm exceeds {factor:g}× the median "
+              f"of the interval means of the {window} intervals before it.", ""]
+    fids = fid_rows(runs)
+    if fids:
+        lines += ["## FID", "", "Each FID is labelled with its sample count; below 50,000 samples FID is biased upward, "
+                  "so compare numbers of the same count only.", "",
+                  "| run | mode | samples | evaluations | first (step) | last (step) | best (step) |", "|---|---|---|---|---|---|---|"]
+        for r in fids:
+            cell = lambda sv: f"{_num(sv[1])} ({sv[0]:,})" if sv[0] is not None else "n/a"
+            lines.append(f"| {r['run']} | {r['mode']} | {r['samples'] or '?'} | {r['evaluations']} | "
+                         f"{cell(r['first'])} | {cell(r['last'])} | {cell(r['best'])} |")
+        lines.append("")
+    else:
+        lines += ["No FID has been computed in these runs.", ""]
+    lines += ["## Curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if grids:
+        lines += ["## Samples at matching steps", ""] + [f"![{p.stem}]({p.name})" for p in grids] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def report(paths: list[str | Path], out: str | Path, *, names: list[str] | None = None,
+           spike_factor: float = 3.0, spike_window: int = 10) -> Path:
+    """Write the plots, grids and report.md for `paths` into `out`; returns report.md's path."""
+    runs = [load_run(p, n) for p, n in zip(paths, names or [None] * len(paths))]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_curves(runs, out)
+    modes = sorted({mode for run in runs for mode in run.grids})
+    grids = [g for g in (side_by_side(runs, mode, out) for mode in modes) if g is not None]
+    return write_markdown(runs, out, plots, grids, spike_factor, spike_window)
