@@ -107,7 +107,8 @@ def append(results: Path, row: dict, command: str) -> None:
         f"\n`{command}` ({row['date']}, {row['device']}; {row['images']:,} images of 32×32×3, global batch "
         f"{row['batch']}, {row['steps_per_call']} updates a call; median of the timed calls):\n\n"
         "| path | host time per call | sent to the device per call | device time of the draw |\n|---|---|---|---|\n"
-        f"| host loader (baseline) | {row['host_loader_ms']:.1f} ms | {row['bytes_per_call_host_loader'] / 2**20:.1f} MiB float32 | — |\n"
+        f"| host loader (baseline) | {row['host_loader_ms']:.1f} ms "
+        f"| {row['bytes_per_call_host_loader'] / 2**20:.1f} MiB float32 | — |\n"
         f"| data on the device | {row['on_device_host_ms']:.3f} ms dispatch ({row['host_ratio']:.0f}× less) | "
         f"nothing | {row['gather_on_device_ms']:.1f} ms |\n"
     )

@@ -396,10 +396,12 @@ def markdown(rows: list[dict], args: Args) -> str:
     command = "python experiments/bench_train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     lines = [
-        f"### {when}: {dev.device_kind} ({dev.platform}) × {rows[0]['devices']}, {'tiny (smoke)' if args.tiny else 'paper'} model",
+        f"### {when}: {dev.device_kind} ({dev.platform}) × {rows[0]['devices']}, "
+        f"{'tiny (smoke)' if args.tiny else 'paper'} model",
         "",
         f"Command: `{command}`; JAX {jax.__version__}; load average {_fmt(load, '.1f')} at the end. "
-        f"Baseline (×1.00) = the first row. s/step = median of the timed calls. Time to first step = init + lower + compile + first call"
+        "Baseline (×1.00) = the first row. s/step = median of the timed calls. "
+        f"Time to first step = init + lower + compile + first call"
         f"{' (init measured once per process)' if not args.isolate else ''}.",
         "",
         "| variant | dtype | batch | img/s | ×base | s/step | ×base | fastest s/step | init s | lower s | compile s "
@@ -410,7 +412,8 @@ def markdown(rows: list[dict], args: Args) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.1f} | {r['images_per_s_ratio']:.2f} "
-            f"| {r['step_s']:.4f} | {r['step_s_ratio']:.2f} | {r['step_s_min']:.4f} | {r['init_s']:.1f} | {r['lower_s']:.1f} | {r['compile_s']:.1f} "
+            f"| {r['step_s']:.4f} | {r['step_s_ratio']:.2f} | {r['step_s_min']:.4f} | {r['init_s']:.1f} "
+            f"| {r['lower_s']:.1f} | {r['compile_s']:.1f} "
             f"| {r['time_to_first_step_s']:.1f} | {_fmt(gib(r['peak_bytes']), '.2f')} | {_fmt(gib(r['xla_bytes']), '.2f')} "
             f"| {_fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.3f')} | {_fmt(r['mfu'], '.1%')} |"
         )

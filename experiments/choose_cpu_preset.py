@@ -76,7 +76,8 @@ def measure(name: str, cfg, calls: int) -> dict:
     per_update = min(times) / cfg.steps_per_call
     return {"name": name, "params": int(params), "batch": cfg.batch_size, "first_call_s": round(first, 1),
             "s_per_update": round(per_update, 3), "images_per_s": round(cfg.batch_size / per_update, 1),
-            "updates_in_25_min": int(25 * 60 / per_update), "kimg_in_25_min": round(25 * 60 / per_update * cfg.batch_size / 1000, 1)}
+            "updates_in_25_min": int(25 * 60 / per_update),
+            "kimg_in_25_min": round(25 * 60 / per_update * cfg.batch_size / 1000, 1)}
 
 
 def main(args: Args) -> None:

@@ -26,7 +26,7 @@ from scgcm.data.images import to_model_range, to_uint8_nhwc
 from scgcm.data.sources import DataError, load_images
 from scgcm.errors import UserError, run_cli
 from scgcm.parallel.editing import edit_images, interpolate_rows
-from scgcm.run.load import load_run_config, load_state
+from scgcm.run.load import check_checkpoint_name, load_run_config, load_state
 from scgcm.run.rundir import save_grid, use_compile_cache
 
 Task = Literal["inpaint", "colorize", "superres", "stroke", "interpolate", "denoise"]
@@ -131,9 +131,7 @@ def validate(args: EditArgs, cfg) -> None:
         _check_sigmas(args.sigmas, m.sigma_min, m.sigma_max)
     if args.heun_steps is not None and args.heun_steps < 2:
         raise UserError(f"--heun-steps {args.heun_steps}: must be at least 2")
-    c = args.checkpoint
-    if not (c.isdigit() or c in ("latest", "best") or c.startswith("best_")):
-        raise UserError(f"--checkpoint {c}: must be 'latest', 'best', 'best_<mode>' or a step number")
+    check_checkpoint_name(args.checkpoint)
     if args.out is not None and not args.out.endswith(".npz"):
         raise UserError(f"--out {args.out}: must end in .npz")
     if args.grid is not None and not args.grid.lower().endswith(".png"):
@@ -164,7 +162,7 @@ def select_images(args: EditArgs, cfg) -> tuple[np.ndarray, np.ndarray]:
 def task_arrays(args: EditArgs, images: np.ndarray, indices: np.ndarray, shape: tuple[int, int, int]):
     """(amap, known, given, y, shown) for a task: float32 [n, c, h, w] arrays; `shown` is what the grid
     shows as the model's input (None: the start itself, for denoising)."""
-    n, (c, h, w) = len(images), shape
+    c = shape[0]
     y = to_model_range(images)
     amap, known = E.identity_map(c), np.zeros_like(y)
     if args.task == "inpaint":

@@ -1,4 +1,4 @@
-"""The checkpoint sweep (`scgcm.run.sweep`):
+"""FID, precision and recall of every saved checkpoint of a run (the checkpoint sweep, `scgcm.run.sweep`):
 
     python -m scgcm.evaluate RUN [--modes onestep twostep] [--num N]
 

@@ -40,7 +40,8 @@ def parse(argv: list[str]) -> TrainConfig:
     """tyro CLI whose defaults come from the preset named by --config.preset (paper by default), with
     the choices of --config.recipe applied; any other flag given still wins."""
     preset = _flag(argv, "--config.preset") or "paper"
-    default = apply_recipe(PRESETS.get(preset, PRESETS["paper"]), "ict" if _flag(argv, "--config.recipe") == "ict" else "reference")
+    recipe = "ict" if _flag(argv, "--config.recipe") == "ict" else "reference"
+    default = apply_recipe(PRESETS.get(preset, PRESETS["paper"]), recipe)
     return tyro.cli(Args, args=argv, default=Args(default), description=__doc__).config
 
 

@@ -96,7 +96,7 @@ def test_hub_offline_names_the_flag(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
     code = (
-        "from scgcm.data import DataError, load_images\n"
+        "from scgcm.data.sources import DataError, load_images\n"
         "try:\n    load_images(None)\nexcept DataError as e:\n    print('DataError:', e)\n"
     )
     done = subprocess.run(

@@ -249,3 +249,15 @@ def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs8, tmp_
         assert _cli(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, (argv, err)
+
+
+def test_one_checkpoint_name_rule_for_every_cli():
+    """`scgcm.edit` and `scgcm.sample` share `run.load.check_checkpoint_name` (edit used to refuse phema_<σ>)."""
+    from scgcm.errors import UserError
+    from scgcm.run.load import check_checkpoint_name
+
+    for name in ("latest", "best", "best_twostep", "phema_0.080", "120"):
+        check_checkpoint_name(name)
+    for name in ("newest", "bestx", "phema", "", "-1"):
+        with pytest.raises(UserError, match="--checkpoint"):
+            check_checkpoint_name(name)

@@ -177,7 +177,8 @@ def test_sample_fid_matches_training(fid_run, net, cache, tmp_path, monkeypatch,
     value = float(re.search(r"^FID \(16 samples\): (\S+) \(images 0–15, onestep, step 4", printed, re.M).group(1))
     assert value == pytest.approx(trained, rel=1e-4, abs=1e-4)
     precision = float(re.search(r"precision (\S+),", printed).group(1))
-    assert precision == pytest.approx(next(r["precision_onestep"] for r in records if "precision_onestep" in r and r["step"] == 4))
+    logged = next(r["precision_onestep"] for r in records if "precision_onestep" in r and r["step"] == 4)
+    assert precision == pytest.approx(logged)
     saved = json.loads(out.with_suffix(".fid.json").read_text())
     assert saved["label"] == "FID (16 samples)" and saved["fid"]["min"] == pytest.approx(value, abs=1e-4)
     printed = value
@@ -266,7 +267,8 @@ def test_fid_of_the_untrained_model_and_a_larger_final_evaluation(fid_run, tmp_p
         fid_run.fid, at_start=True, final_num=32, final_modes=("onestep",)))
     assert train(cfg, extractor=extractor) == 0
     fids = [r for r in _records(cfg.workdir) if "num_fid_samples" in r]
-    keys = lambda *modes: sorted([f"{n}_{m}" for m in modes for n in ("fid", "precision", "recall")] + ["num_fid_samples", "step"])
+    keys = lambda *modes: sorted([f"{n}_{m}" for m in modes for n in ("fid", "precision", "recall")]
+                                 + ["num_fid_samples", "step"])
     assert [(r["step"], r["num_fid_samples"], sorted(r)) for r in fids] == [
         (0, 16, keys("onestep", "twostep")),
         (2, 16, keys("onestep", "twostep")),

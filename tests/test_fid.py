@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 from PIL import Image
 
 from scgcm import fid as fid_cli
-from scgcm.eval import fid, inception
+from scgcm.eval import fid, inception, statcache
 
 
 class TinyNet(eqx.Module):
@@ -124,7 +124,7 @@ def test_cli_calc_prints_fid(tiny, tmp_path, monkeypatch, capsys):
     images = _images(24, seed=5)
     np.savez(tmp_path / "samples.npz", images=images)
     mu, sigma = fid.compute_statistics(fid.FeatureExtractor(tiny).features(images))
-    fid.save_statistics(tmp_path / "ref.npz", mu, sigma)
+    statcache.save_statistics(tmp_path / "ref.npz", mu, sigma)
     fid_cli.main(fid_cli.Calc(samples=tmp_path / "samples.npz", ref=tmp_path / "ref.npz"))
     assert abs(float(capsys.readouterr().out.strip())) < 1e-4
 

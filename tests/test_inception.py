@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scgcm.data.images import to_uint8
 from scgcm.eval import inception
 
 
@@ -83,17 +84,17 @@ def test_preprocess_scale_and_resize_commute():
 
 def test_to_uint8_rounds_like_edm():
     x = jnp.array([-1.5, -1.0, 0.0, 1.0, 2.0, 10.5 / 127.5 - 1, 10.4 / 127.5 - 1, 10.6 / 127.5 - 1])
-    np.testing.assert_array_equal(inception.to_uint8(x), [0, 0, 128, 255, 255, 11, 10, 11])
-    assert inception.to_uint8(x).dtype == jnp.uint8
+    np.testing.assert_array_equal(to_uint8(x), [0, 0, 128, 255, 255, 11, 10, 11])
+    assert to_uint8(x).dtype == jnp.uint8
 
 
 # --------------------------------------------------------------------------------- weight reader
 
 
-def _archive(path, payload: bytes, extra: dict[str, bytes] = {}):
+def _archive(path, payload: bytes, extra: dict[str, bytes] | None = None):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", payload)
-        for name, data in extra.items():
+        for name, data in (extra or {}).items():
             z.writestr(f"archive/{name}", data)
     return path
 

@@ -128,7 +128,8 @@ def layering_problems(root: Path) -> list[str]:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             if any(n.split(".")[0] == "tyro" for n in names):
-                problems.append(f"{path.relative_to(root.parent)}:{node.lineno}: {module} imports tyro: only the CLIs parse flags")
+                where = f"{path.relative_to(root.parent)}:{node.lineno}"
+                problems.append(f"{where}: {module} imports tyro: only the CLIs parse flags")
     return problems
 
 

@@ -354,9 +354,11 @@ def test_when_to_join():
     assert distributed_args("auto", None, None, None, env={}) is None
     assert distributed_args("auto", "h:1", 2, 0, env={}) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}
     env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
-    assert distributed_args("auto", None, None, None, env=env) == {"coordinator_address": "h:2", "num_processes": 4, "process_id": 3}
+    assert distributed_args("auto", None, None, None, env=env) == {"coordinator_address": "h:2", "num_processes": 4,
+                                                                   "process_id": 3}
     assert distributed_args("auto", "h:1", None, 1, env=env)["coordinator_address"] == "h:1"  # a flag wins
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "16", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "3"}
     unset = {"coordinator_address": None, "num_processes": None, "process_id": None}
     assert distributed_args("auto", None, None, None, env=slurm) == unset  # JAX reads SLURM_* itself
     assert distributed_args("auto", None, None, None, env={**slurm, "SLURM_NTASKS": "1"}) is None

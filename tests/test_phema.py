@@ -17,23 +17,23 @@ from jaxtyping import Array, Float
 from tiny import MICRO_MODEL, tiny_config
 
 from scgcm import phema as phema_cli
-from scgcm.core import ema, phema
+from scgcm.core import ema as ema_lib, phema
 from scgcm.core.losses import JointLoss
 from scgcm.errors import UserError
 
 
 def test_sigma_rel_and_gamma_invert_each_other_and_match_the_profiles_std():
     for sigma_rel in (0.05, 0.075, 0.10, 0.15):
-        gamma = ema.sigma_rel_to_gamma(sigma_rel)
-        assert ema.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
+        gamma = ema_lib.sigma_rel_to_gamma(sigma_rel)
+        assert ema_lib.gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
         t = 100_000  # the discrete weights' std relative to t tends to σ_rel
         w, tau = phema.power_ema_weights(t, gamma), np.arange(1, t + 1)
         mean = w @ tau
         assert np.sqrt(w @ tau**2 - mean**2) / t == pytest.approx(sigma_rel, rel=1e-6)
-    assert ema.sigma_rel_to_gamma(0.10) == pytest.approx(6.9372, abs=1e-4)  # EDM2's two defaults
-    assert ema.sigma_rel_to_gamma(0.05) == pytest.approx(16.9722, abs=1e-4)
+    assert ema_lib.sigma_rel_to_gamma(0.10) == pytest.approx(6.9372, abs=1e-4)  # EDM2's two defaults
+    assert ema_lib.sigma_rel_to_gamma(0.05) == pytest.approx(16.9722, abs=1e-4)
     with pytest.raises(ValueError, match="sigma_rel"):
-        ema.sigma_rel_to_gamma(0.3)
+        ema_lib.sigma_rel_to_gamma(0.3)
 
 
 def test_power_ema_update_has_the_closed_form_weights():
@@ -41,9 +41,9 @@ def test_power_ema_update_has_the_closed_form_weights():
     thetas = np.random.default_rng(0).standard_normal((t_end, 4))
     ema = jnp.zeros(4)
     for t in range(1, t_end + 1):
-        ema = ema.power_ema_update(ema, jnp.asarray(thetas[t - 1]), jnp.asarray(t), gamma)
+        ema = ema_lib.power_ema_update(ema, jnp.asarray(thetas[t - 1]), jnp.asarray(t), gamma)
     w = phema.power_ema_weights(t_end, gamma)
-    assert w.sum() == pytest.approx(1.0, abs=1e-12) and float(ema.power_ema_beta(1, gamma)) == 0.0
+    assert w.sum() == pytest.approx(1.0, abs=1e-12) and float(ema_lib.power_ema_beta(1, gamma)) == 0.0
     np.testing.assert_allclose(np.asarray(ema), w @ thetas, rtol=1e-5, atol=1e-6)
 
 
@@ -53,7 +53,7 @@ def test_profile_inner_product_matches_numerical_integration():
 
     for (ta, ga), (tb, gb) in [((100.0, 3.0), (250.0, 7.0)), ((300.0, 16.9), (120.0, 6.9)), ((80.0, 2.0), (80.0, 2.0))]:
         pa, pb = profile(ta, ga), profile(tb, gb)
-        numeric = scipy.integrate.quad(lambda x: pa(x) * pb(x), 0, min(ta, tb), limit=200)[0]
+        numeric = scipy.integrate.quad(lambda x, pa=pa, pb=pb: pa(x) * pb(x), 0, min(ta, tb), limit=200)[0]
         assert phema.profile_inner_product(ta, ga, tb, gb) == pytest.approx(numeric, rel=1e-8)
         assert phema.profile_inner_product(tb, gb, ta, ga) == pytest.approx(numeric, rel=1e-8)
 
@@ -63,7 +63,7 @@ def _trajectory_and_snapshots(T=2000, every=100, stored=(0.05, 0.10)):
     rng = np.random.default_rng(0)
     tau = np.arange(1, T + 1)[:, None]
     theta = np.cumsum(rng.standard_normal((T, 6)), 0) / np.sqrt(T) + np.sin(tau / np.array([100, 300, 700, 50, 1000, 2000]))
-    gammas = [ema.sigma_rel_to_gamma(s) for s in stored]
+    gammas = [ema_lib.sigma_rel_to_gamma(s) for s in stored]
     emas, snaps = [theta[0] * 0 for _ in gammas], []
     for t in range(1, T + 1):
         for i, g in enumerate(gammas):
@@ -82,7 +82,7 @@ def test_reconstruction_on_a_synthetic_trajectory():
     T = len(theta)
     spread = np.abs(values[-1] - values[-2]).max()  # how far the two stored EMAs are apart at T
     for sigma_rel, tol in ((0.10, 1e-12), (0.05, 1e-12), (0.075, 1e-3 * spread)):
-        gamma = ema.sigma_rel_to_gamma(sigma_rel)
+        gamma = ema_lib.sigma_rel_to_gamma(sigma_rel)
         x = phema.solve_coefficients(snap_t, snap_gamma, T, gamma)
         assert x.sum() == pytest.approx(1.0, abs=1e-12)
         reconstructed = phema.combine([jnp.asarray(v, jnp.float32) for v in values], x)  # float64 sum, float32 out
@@ -122,7 +122,7 @@ def test_train_step_updates_the_power_emas():
     from scgcm.nn.model import split_trainable
     from scgcm.run.config import build_model, build_schedule
 
-    gammas = (ema.sigma_rel_to_gamma(0.05), ema.sigma_rel_to_gamma(0.10))
+    gammas = (ema_lib.sigma_rel_to_gamma(0.05), ema_lib.sigma_rel_to_gamma(0.10))
     optim = optax.sgd(0.1)
     # the model's structure is what matters (the loss reads only the parameters): filled shapes, not an
     # eager initialisation, which compiles hundreds of small programs
@@ -133,7 +133,8 @@ def test_train_step_updates_the_power_emas():
     step = eqx.filter_jit(functools.partial(train_step, optim=optim, schedule=build_schedule(tiny_config()),
                                             loss_fn=ParamLoss(), ema_decay=0.9, phema_gammas=gammas))
     images, ids = jnp.zeros((2, 3, 8, 8)), jnp.arange(2)
-    trainable = lambda m: [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(split_trainable(m)[0])]  # numpy: no compiles
+    # numpy: no compiles
+    trainable = lambda m: [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(split_trainable(m)[0])]
     expected = [trainable(state.model)] * 2
     for t in range(1, 4):
         state, _ = step(state, images, ids)
@@ -178,8 +179,8 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     assert (workdir / "checkpoints" / "phema_0.080" / "8" / CHECKSUMS).is_file()
     leaf = lambda tree: np.asarray(tree.torso.conv_in.weight, np.float64)
     between, step = load.load_state(workdir, load.load_run_config(workdir), "phema_0.080")
-    gammas = [ema.sigma_rel_to_gamma(s) for s in (0.05, 0.10)]
-    x = phema.solve_coefficients(np.array([4.0, 4, 8, 8]), np.tile(gammas, 2), 8, ema.sigma_rel_to_gamma(0.08))
+    gammas = [ema_lib.sigma_rel_to_gamma(s) for s in (0.05, 0.10)]
+    x = phema.solve_coefficients(np.array([4.0, 4, 8, 8]), np.tile(gammas, 2), 8, ema_lib.sigma_rel_to_gamma(0.08))
     assert step == 8
     want = sum(c * leaf(m) for c, m in zip(x, (*snapshots[4], *snapshots[8])))
     np.testing.assert_allclose(leaf(between.ema), want, rtol=1e-5, atol=1e-6)

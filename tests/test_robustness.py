@@ -190,7 +190,8 @@ def _main(argv, capsys):
 ])
 def test_bad_config_is_one_line_before_any_compile(args, needle, tmp_path, capsys):
     start = time.perf_counter()
-    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "w"), *args], capsys)
+    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "w"), *args],
+                      capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], err
@@ -200,7 +201,8 @@ def test_bad_config_is_one_line_before_any_compile(args, needle, tmp_path, capsy
 
 def test_workdir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(tmp_path / "file" / "run")], capsys)
+    code, err = _main(["--config.preset", "smoke", "--config.batch-size", "8",
+                       "--config.workdir", str(tmp_path / "file" / "run")], capsys)
     assert code == 2 and "--config.workdir" in err and "is not a directory" in err
 
 

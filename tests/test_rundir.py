@@ -281,7 +281,8 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", full)
     with pytest.raises(CheckpointWriteError) as info:
         ckpt.save(2, _toy_state(2.0))
-    assert str(info.value) == f"no space left in {tmp_path / 'latest'} while writing checkpoint 2; the checkpoint of step 1 is intact"
+    expected = f"no space left in {tmp_path / 'latest'} while writing checkpoint 2; the checkpoint of step 1 is intact"
+    assert str(info.value) == expected
     monkeypatch.undo()
     assert not list((tmp_path / "latest").glob("*tmp*"))  # its space given back
     assert Checkpointer(tmp_path).restore(_toy_state(0.0))[1] == 1

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float
 
 from scgcm import evaluate, sample
 from scgcm.eval import fid, inception
-from scgcm.run import sweep
+from scgcm.run import metrics as run_metrics, sweep
 
 
 class StandIn(eqx.Module):
@@ -88,13 +88,13 @@ def test_sweep_evaluates_exactly_the_checkpoints_without_fid_and_is_idempotent(r
     after = metrics.read_text()
     assert evaluate.main([str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"], extractor=extractor) == 0
     assert metrics.read_text() == after and "every saved checkpoint has a FID" in capsys.readouterr().out
-    assert metrics.read_fids(metrics)["onestep"] == [(4, 123.0), (8, added[0]["fid_onestep"])]
+    assert run_metrics.read_fids(metrics)["onestep"] == [(4, 123.0), (8, added[0]["fid_onestep"])]
 
 
 def test_evaluated_steps_count_undefined_fids_and_skip_torn_lines(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 2, "loss_ct": 1.0}\n{"step": 4, "fid_onestep": null, "num_fid_samples": 6.0}\n'
                        '{"step": 6, "fid_onestep": 3.5, "fid_twostep": 2.5}\nnot json\n{"step": 8, "fid_on')
-    assert metrics.evaluated_steps(metrics, ("onestep",)) == {4, 6}  # an undefined FID was computed: not redone
-    assert metrics.evaluated_steps(metrics, ("onestep", "twostep")) == {6}
-    assert metrics.read_fids(metrics) == {"onestep": [(6, 3.5)], "twostep": [(6, 2.5)]}  # finite values only
+    assert run_metrics.evaluated_steps(metrics, ("onestep",)) == {4, 6}  # an undefined FID was computed: not redone
+    assert run_metrics.evaluated_steps(metrics, ("onestep", "twostep")) == {6}
+    assert run_metrics.read_fids(metrics) == {"onestep": [(6, 3.5)], "twostep": [(6, 2.5)]}  # finite values only

@@ -12,6 +12,7 @@ images are kept on the devices) compute it bit for bit alike, one example at a t
 state. `xp` is the array module: `numpy` or `jax.numpy`.
 """
 
+import jax
 import numpy as np
 
 ROUNDS = 6
@@ -64,8 +65,6 @@ def permute(seed: int, epoch, position, num_images: int, xp=np):
         while (outside := x >= n).any():
             x = np.where(outside, _feistel(x, keys, h, np), x)
         return x
-    import jax
-
     return jax.lax.while_loop(lambda y: (y >= n).any(), lambda y: xp.where(y >= n, _feistel(y, keys, h, xp), y), x)
 
 

@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from scgcm.data.images import ImageArrayError, as_nhwc_uint8, read_npz
 from scgcm.errors import UserError
@@ -173,7 +174,6 @@ def _pil_to_array(image, channels: int) -> np.ndarray:
 
 def _from_image_folder(path: Path, image_size: int | None, channels: int) -> np.ndarray:
     """Every image file under `path`, sorted; all image_size×image_size (None: all the first one's size)."""
-    from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:

@@ -21,6 +21,7 @@ import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, UInt8
 from PIL import Image
+from tqdm.auto import tqdm
 
 from scgcm.data import sources as data
 from scgcm.data.images import FID_CHANNELS, as_nhwc_uint8, read_npz, rgb
@@ -144,8 +145,6 @@ class FeatureExtractor:
         batch = min(self.batch_size, -(-n // n_dev) * n_dev)
         starts = range(0, n, batch)
         if self.progress:
-            from tqdm import tqdm  # only for the progress bar
-
             starts = tqdm(starts, desc="inception", unit="batch")
         out, pending = [], []
         for start in starts:

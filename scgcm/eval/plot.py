@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 
-def figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
+def figure(width_in: float | int, height_in: float | int, dpi: int = 100) -> Figure:
     """A matplotlib figure drawn on its own Agg canvas."""
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)
     FigureCanvasAgg(fig)

@@ -32,6 +32,8 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scgcm.errors import UserError, run_cli
 
@@ -127,8 +129,6 @@ def _open_collectives() -> None:
     and gives up if a peer is not there within 30 s; later collectives over the same set wait for as long
     as it takes. Without this, one process compiling the train step (or loading it from the cache) faster
     than another makes the run fail. On GPUs and TPUs it costs two tiny programs."""
-    from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     devices = sorted(jax.devices(), key=lambda d: d.process_index)  # the order of parallel.make_mesh
     mesh = Mesh(np.asarray(devices), ("all",))
@@ -147,7 +147,6 @@ def max_over_processes(value: int) -> int:
     itself in a single-process run. Used so that all processes act on a signal at the same step."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 

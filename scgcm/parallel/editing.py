@@ -61,7 +61,7 @@ def edit_images(
     keys = _image_keys(seed, np.asarray(indices))
     starts, results = [], []
     for start, rows in _padded_batches(len(indices), batch_size, mesh):
-        put = lambda a: jax.device_put(jnp.asarray(a)[rows], sharding)  # noqa: E731
+        put = lambda a, rows=rows: jax.device_put(jnp.asarray(a)[rows], sharding)
         s, r = _edit_batch(model, put(keys), put(given), put(y), put(known), editor, amap)
         n = min(len(rows), len(indices) - start)
         starts.append(np.asarray(s)[:n])
@@ -90,7 +90,7 @@ def interpolate_rows(
     positions = jnp.linspace(0.0, 1.0, num_frames)
     out = []
     for start, rows in _padded_batches(num, batch_size, mesh):
-        put = lambda k: jax.device_put(k[rows], sharding)  # noqa: E731
+        put = lambda k, rows=rows: jax.device_put(k[rows], sharding)
         frames = _interpolate_batch(model, put(keys_a), put(keys_b), positions, editor, shape)
         out.append(np.asarray(frames)[: min(len(rows), num - start)])
     return np.concatenate(out)

@@ -29,6 +29,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jaxtyping import PyTree
 
 from scgcm.errors import UserError
@@ -335,7 +336,6 @@ class Checkpointer:
         if jax.process_index() == 0:
             source.rename(target)
         if jax.process_count() > 1:  # the others look at the folder only once it is renamed
-            from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"scgcm-move-aside-{which}-{step}")
         manager.reload()

@@ -5,7 +5,9 @@ unpack them into constructor arguments, so no module below sees a config object.
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import equinox as eqx
@@ -109,7 +111,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     source: str | None = None
-    """CIFAR-10 via Hugging Face (None), or a path: python batches folder, cifar-10-python.tar.gz, .npz, image folder, saved dataset. 'synthetic' makes a toy set."""
+    """CIFAR-10 via Hugging Face (None), or a path: python batches folder, cifar-10-python.tar.gz, .npz, image folder, saved dataset. 'synthetic' makes a toy set."""  # noqa: E501
     split: str = "train"
     """Dataset split."""
     synthetic_size: int = 2048
@@ -164,7 +166,7 @@ class TrainConfig:
     variant: Variant = "score"
     """'score': the head's gradient reaches the torso; 'vanilla': plain iCT (the head is a passive probe)."""
     preset: Preset = "paper"
-    """Defaults to start from: 'paper' (the method's run), 'cpu' (the most a 2-core CPU learns in ~25 min) or 'smoke' (tiny model, minutes)."""
+    """Defaults to start from: 'paper' (the method's run), 'cpu' (the most a 2-core CPU learns in ~25 min) or 'smoke' (tiny model, minutes)."""  # noqa: E501
     recipe: Recipe = "reference"
     """'reference': the original code's choices; 'ict': the iCT paper's where they differ (quirks Q1, Q2, Q6):
     per-image pseudo-Huber with c = 0.00054·sqrt(d), c_noise = 1000·ln(σ)/4, two-step σ 0.821."""
@@ -399,7 +401,8 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
     if cfg.ict.s0 > cfg.ict.s1:
         errors.append(f"--config.ict.s0 ({cfg.ict.s0}) must not exceed --config.ict.s1 ({cfg.ict.s1})")
     if not cfg.model.sigma_min < cfg.model.sigma_max:
-        errors.append(f"--config.model.sigma-min ({cfg.model.sigma_min}) must be below --config.model.sigma-max ({cfg.model.sigma_max})")
+        errors.append(f"--config.model.sigma-min ({cfg.model.sigma_min}) must be below "
+                      f"--config.model.sigma-max ({cfg.model.sigma_max})")
     elif not cfg.model.sigma_min < cfg.sample.two_step_sigma < cfg.model.sigma_max:
         errors.append(f"--config.sample.two-step-sigma ({cfg.sample.two_step_sigma}) must lie between sigma-min and sigma-max")
     if not 0 <= cfg.optim.ema_decay < 1:
@@ -409,7 +412,6 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
     if cfg.loss.huber_c is not None and cfg.loss.huber_c <= 0:
         errors.append(f"--config.loss.huber-c must be positive (got {cfg.loss.huber_c})")
     if cfg.fid.enabled:
-        from pathlib import Path
 
         if cfg.fid.num < 2:
             errors.append(f"--config.fid.num must be at least 2 (got {cfg.fid.num})")
@@ -432,8 +434,6 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
 
 
 def _workdir_errors(workdir: str) -> list[str]:
-    import os
-    from pathlib import Path
 
     path = Path(workdir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())

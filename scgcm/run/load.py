@@ -57,10 +57,17 @@ def state_skeleton(cfg: TrainConfig) -> TrainState:
     return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
 
 
-def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
-    if not (checkpoint.isdigit() or checkpoint == "latest" or checkpoint.startswith(("best", "phema_"))):
+def check_checkpoint_name(checkpoint: str) -> None:
+    """The one rule for `--checkpoint` of every CLI: 'latest', 'best' (of the sampled mode), 'best_<mode>',
+    'phema_<σ_rel>' (`python -m scgcm.phema`) or a step number; else a one-line UserError."""
+    if not (checkpoint.isdigit() or checkpoint in ("latest", "best") or checkpoint.startswith(("best_", "phema_"))):
         raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>', 'phema_<σ_rel>' or a step, "
                         f"not {checkpoint!r}")
+
+
+def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
+    """The state and step of a run's checkpoint (`check_checkpoint_name`); 'best' is that of `mode`."""
+    check_checkpoint_name(checkpoint)
     skeleton = state_skeleton(cfg)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:

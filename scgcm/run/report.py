@@ -83,7 +83,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
             except json.JSONDecodeError:
                 continue  # a line being written, or torn by a crash
     if not lines:
-        raise UserError(f"{path}: no metrics.jsonl with any logged interval (not a scgcm.train run directory, or nothing logged yet)")
+        raise UserError(f"{path}: no metrics.jsonl with any logged interval "
+                        "(not a scgcm.train run directory, or nothing logged yet)")
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()).get("config", {}) if config_file.is_file() else {}
     grids: dict[str, dict[int, Path]] = {}
@@ -238,7 +239,8 @@ def _num(v, digits: int = 2) -> str:
 
 def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Path], factor: float, window: int) -> Path:
     lines = ["# Run comparison", "", "Runs: " + ", ".join(f"`{run.path}`" for run in runs), ""]
-    lines += ["| run | variant | preset | recipe | seed | updates | kimg | wall time | last loss_ct | grad-norm spikes | skipped |",
+    lines += ["| run | variant | preset | recipe | seed | updates | kimg | wall time | last loss_ct | grad-norm spikes "
+              "| skipped |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary_rows(runs, factor, window):
         lines.append(f"| {r['run']} | {r['variant']} | {r['preset']} | {r['recipe']} | {r['seed']} | {r['updates']:,} | "
@@ -249,7 +251,8 @@ def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Pa
     if fids:
         lines += ["## FID", "", "Each FID is labelled with its sample count; below 50,000 samples FID is biased upward, "
                   "so compare numbers of the same count only.", "",
-                  "| run | mode | samples | evaluations | first (step) | last (step) | best (step) |", "|---|---|---|---|---|---|---|"]
+                  "| run | mode | samples | evaluations | first (step) | last (step) | best (step) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in fids:
             cell = lambda sv: f"{_num(sv[1])} ({sv[0]:,})" if sv[0] is not None else "n/a"
             lines.append(f"| {r['run']} | {r['mode']} | {r['samples'] or '?'} | {r['evaluations']} | "
