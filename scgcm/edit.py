@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import tyro
-from PIL import Image
 
 from scgcm.core import editing as E
-from scgcm.data.images import to_model_range, to_uint8_nhwc
+from scgcm.data.images import ImageArrayError, read_image_file, to_model_range, to_uint8_nhwc
 from scgcm.data.sources import DataError, load_images
 from scgcm.errors import UserError, run_cli
 from scgcm.parallel.editing import edit_images, interpolate_rows
@@ -94,12 +93,9 @@ def _check_sigmas(sigmas: tuple[float, ...], sigma_min: float, sigma_max: float)
 def _load_mask(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     c, h, w = shape
     try:
-        with Image.open(path) as image:
-            missing = np.asarray(image.convert("L")) >= 128
-    except (OSError, ValueError) as e:
-        raise UserError(f"--mask {path}: not a readable image ({type(e).__name__})") from None
-    if missing.shape != (h, w):
-        raise UserError(f"--mask {path}: mask is {missing.shape[1]}x{missing.shape[0]}, expected {w}x{h}")
+        missing = read_image_file(path, "L", (w, h))[..., 0] >= 128  # the size is checked before decoding
+    except ImageArrayError as e:
+        raise UserError(f"--mask {e}") from None
     return np.broadcast_to(1.0 - missing.astype(np.float32), shape).copy()
 
 

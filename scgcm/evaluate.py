@@ -16,7 +16,7 @@ import tyro
 
 from scgcm.errors import UserError, run_cli
 from scgcm.eval import fid
-from scgcm.run.rundir import use_compile_cache
+from scgcm.run.rundir import SweepLock, use_compile_cache
 from scgcm.run.sweep import sweep
 
 
@@ -43,9 +43,13 @@ def main(argv: list[str] | None = None, extractor: fid.FeatureExtractor | None =
     workdir = Path(args.workdir)
     if not (workdir / "config.json").is_file():
         raise UserError(f"{workdir}: not a run directory (no config.json)")
-    use_compile_cache(args.compile_cache)
-    sweep(workdir, modes=args.modes, num=args.num, batch_size=args.batch_size, seed=args.seed, fid_ref=args.fid_ref,
-          extractor=extractor)
+    lock = SweepLock(workdir)  # a second sweep of this run stops here, in one line; training holds another lock
+    try:
+        use_compile_cache(args.compile_cache)
+        sweep(workdir, modes=args.modes, num=args.num, batch_size=args.batch_size, seed=args.seed,
+              fid_ref=args.fid_ref, extractor=extractor)
+    finally:
+        lock.release()
     return 0
 
 

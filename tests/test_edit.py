@@ -251,6 +251,110 @@ def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs8, tmp_
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, (argv, err)
 
 
+# ----------------------------------------------------------------------------- the written file keeps the constraint
+
+
+def _lum(x: np.ndarray) -> np.ndarray:
+    """Luminance (BT.601) of [..., c, ...] arrays along axis -3 (channel-first) as float64."""
+    return np.einsum("...chw,c->...hw", np.asarray(x, np.float64), W)
+
+
+def _nearest_luminance_point(x: np.ndarray, target: float) -> np.ndarray:
+    """argmin |z − x| over z in [-1, 1]³ with w·z = target: z = clip(x + μ·w), μ by bisection (KKT)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(200):
+        mu = (lo + hi) / 2
+        lo, hi = (mu, hi) if W @ np.clip(x + mu * W, -1, 1) < target else (lo, mu)
+    return np.clip(x + lo * W, -1, 1)
+
+
+def test_fit_to_range_on_hand_made_arrays():
+    """Closed forms of the projection onto (constraint ∩ [-1, 1]) on one pixel or one block; a plain clip
+    (what the uint8 conversion did) breaks each constraint."""
+    shape = (3, 2, 2)
+    # inpainting: the known pixels are those of y, the unknown ones are clipped
+    y = np.full(shape, 0.25, np.float32)
+    known = np.zeros(shape, np.float32)
+    known[:, 0] = 1
+    x = np.asarray([[[0.25, 0.25], [1.7, -0.3]]] * 3, np.float32)
+    out = np.asarray(E.fit_to_range(E.identity_map(3), jnp.asarray(x), jnp.asarray(y), jnp.asarray(known)))
+    np.testing.assert_allclose(out, np.clip(x, -1, 1), atol=1e-6)
+
+    # colourisation: one over-bright pixel, its luminance kept
+    y = np.zeros(shape, np.float32)
+    y[:, 0, 0] = [0.9, 0.8, 0.7]
+    lum_known = np.asarray(E.luminance_known(shape))
+    amap = E.luminance_map()
+    x = np.asarray(E.project(amap, jnp.zeros(shape).at[:, 0, 0].set(jnp.asarray([1.6, 0.5, 1.4])), jnp.asarray(y),
+                             jnp.asarray(lum_known)))
+    assert x.max() > 1.2 and abs(_lum(np.clip(x, -1, 1))[0, 0] - _lum(y)[0, 0]) > 0.05  # the clip breaks it
+    out = np.asarray(E.fit_to_range(amap, jnp.asarray(x), jnp.asarray(y), jnp.asarray(lum_known)))
+    assert out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
+    np.testing.assert_allclose(_lum(out), _lum(y), atol=2e-6)
+    np.testing.assert_allclose(out[:, 0, 0], _nearest_luminance_point(x[:, 0, 0].astype(np.float64), _lum(y)[0, 0]),
+                               atol=1e-4)
+
+    # super-resolution: one 2×2 block of mean 0.8 with a pixel over 1: the excess spread over the others
+    y = np.broadcast_to(np.asarray([[1.0, 1.0], [1.0, 0.2]], np.float32), shape)
+    x = np.broadcast_to(np.asarray([[1.4, 1.0], [0.6, 0.2]], np.float32), shape)
+    known = np.asarray(E.block_mean_known(shape, 2))
+    out = np.asarray(E.fit_to_range(E.block_mean_map(3, 2), jnp.asarray(x), jnp.asarray(y), jnp.asarray(known)))
+    np.testing.assert_allclose(out, np.broadcast_to([[1.0, 1.0], [0.8, 0.4]], shape), atol=1e-4)
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), 0.8, atol=2e-6)
+    assert abs(np.clip(x, -1, 1).mean() - 0.8) > 0.05
+
+    # an x already in range that keeps the constraint comes back unchanged
+    inside = np.asarray(E.project(amap, jnp.asarray(_images(1, 5)[0] * 0.3), jnp.asarray(_images(1, 6)[0] * 0.3),
+                                  jnp.asarray(E.luminance_known(SHAPE))))
+    same = E.fit_to_range(amap, jnp.asarray(inside), jnp.asarray(_images(1, 6)[0] * 0.3), jnp.asarray(E.luminance_known(SHAPE)))
+    np.testing.assert_allclose(same, inside, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def real8(tmp_path_factory):
+    """8 real CIFAR-10 test images at the smoke run's 8×8 (means of 4×4 blocks), synthetic ones without the subset."""
+    from pathlib import Path
+
+    from scgcm.data.sources import load_images, synthetic_images
+
+    batches = Path(__file__).parents[2] / "shared/data/cifar10-subset/cifar-10-batches-py"
+    if (batches / "test_batch").is_file():
+        images = load_images(str(batches), split="test")[:8].astype(np.float64)
+        images = np.round(images.reshape(8, 8, 4, 8, 4, 3).mean(axis=(2, 4))).astype(np.uint8)
+    else:
+        images = synthetic_images(8, image_size=8, seed=3)
+    path = tmp_path_factory.mktemp("real8") / "real8.npz"
+    np.savez(path, images=images)
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["consistency", "heun"])
+@pytest.mark.parametrize("task,extra", [("inpaint", ["--mask", "center"]), ("colorize", []),
+                                        ("superres", ["--factor", "2"])])
+def test_written_edits_keep_the_constraint(smoke_run, real8, tmp_path, task, extra, sampler):
+    """The .npz and the PNG grid the user gets keep the known pixels exactly, the luminance and the 2×2 block
+    means to rounding (≤ 1 level); before the final projection the clip changed them by up to 15 levels."""
+    out = tmp_path / "edited.npz"
+    argv = ["--workdir", smoke_run, "--task", task, "--input", real8, "--num", "8", *extra, "--sampler", sampler,
+            "--seed", "1", "--out", out]
+    assert _cli([*argv, *(["--heun-steps", "4"] if sampler == "heun" else [])]) == 0
+    with np.load(out) as f:
+        result, inputs = f["images"], f["inputs"]
+    grid = np.asarray(Image.open(out.with_suffix(".png")))
+    tiles = np.stack([grid[2 + r * 10: 2 + r * 10 + 8, 2 + 2 * 10: 2 + 2 * 10 + 8] for r in range(8)])  # column 3
+    np.testing.assert_array_equal(tiles, result)  # the PNG shows exactly the .npz's results
+    chw = lambda a: a.transpose(0, 3, 1, 2).astype(np.float64)  # noqa: E731
+    if task == "inpaint":
+        known = E.region_known(SHAPE, "center").transpose(1, 2, 0) == 1
+        np.testing.assert_array_equal(result[:, known], inputs[:, known])
+        assert np.abs(result[:, ~known].astype(int) - inputs[:, ~known]).mean() > 1  # filled, not copied
+    elif task == "colorize":
+        assert np.abs(_lum(chw(result)) - _lum(chw(inputs))).max() <= 1.0
+    else:
+        assert np.abs(_block_means(chw(result), 2) - _block_means(chw(inputs), 2)).max() <= 1.0
+    assert np.abs(result.astype(int) - inputs).max() > 8  # the model changed the image
+
+
 def test_one_checkpoint_name_rule_for_every_cli():
     """`scgcm.edit` and `scgcm.sample` share `run.load.check_checkpoint_name` (edit used to refuse phema_<σ>)."""
     from scgcm.errors import UserError

@@ -3,6 +3,8 @@ stand-in: `scgcm.sample --fid --repeats`, `--search-two-step-sigma`, and the che
 `python -m scgcm.evaluate RUN`."""
 
 import json
+import logging
+import os
 import re
 import shutil
 
@@ -98,3 +100,37 @@ def test_evaluated_steps_count_undefined_fids_and_skip_torn_lines(tmp_path):
     assert run_metrics.evaluated_steps(metrics, ("onestep",)) == {4, 6}  # an undefined FID was computed: not redone
     assert run_metrics.evaluated_steps(metrics, ("onestep", "twostep")) == {6}
     assert run_metrics.read_fids(metrics) == {"onestep": [(6, 3.5)], "twostep": [(6, 2.5)]}  # finite values only
+
+
+def test_second_sweep_is_refused_in_one_line_and_a_sweep_beside_training_works(run, capsys, caplog):
+    """Two sweeps of one run directory would evaluate the same checkpoints and append them twice: the
+    second says in one line who holds the sweep lock (exit code 2) and writes nothing. The trainer's lock
+    is another one: with a trainer holding it, the sweep evaluates and appends."""
+    from scgcm.errors import run_cli
+    from scgcm.run.rundir import RunLock, SweepLock
+
+    extractor = fid.FeatureExtractor(StandIn(), batch_size=8)
+    argv = [str(run), "--modes", "onestep", "--num", "6", "--batch-size", "8"]
+    before = (run / "metrics.jsonl").read_text()
+    first = SweepLock(run)
+    try:
+        assert run_cli(lambda a: evaluate.main(a, extractor=extractor), argv) == 2
+    finally:
+        first.release()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "another checkpoint sweep" in err, err
+    assert f"pid {os.getpid()}" in err
+    assert (run / "metrics.jsonl").read_text() == before
+
+    trainer = RunLock(run)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert run_cli(lambda a: evaluate.main(a, extractor=extractor), argv) == 0
+    finally:
+        trainer.release()
+    assert sweep.pending_steps(run, ("onestep",)) == []
+    # no orbax notes on the read-only checkpoint reader (three "CheckpointManagerOptions.read_only=True …" a call)
+    notes = [r.getMessage() for r in caplog.records if "read_only" in r.getMessage() or "read only" in r.getMessage()]
+    assert not notes, notes
+    assert "read_only" not in capsys.readouterr().err
+    assert (run / "sweep.lock").read_text() == ""  # released at the end

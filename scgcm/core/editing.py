@@ -7,7 +7,11 @@ the coefficient of the reference y is known, 0 where the model fills it in):
 
 `ConsistencyEditor` runs Algorithm 4: start from x = A⁻¹[known ⊙ A·y] + σ_0·z, then for each σ_j of a
 decreasing list: x ← x + sqrt(σ_j² − σ_min²)·z_j (j > 0), x ← clip(f(x, σ_j)), x ← project(x). The output
-therefore satisfies the constraint exactly (to float round-off). `HeunEditor` applies the same
+therefore satisfies the constraint exactly (to float round-off), but may leave [-1, 1] (a projected
+colour or block can overshoot), and the clip of the uint8 conversion would then break the constraint
+in the written image (by up to 15 grey levels of luminance on real images): `fit_to_range` projects
+onto the intersection of the constraint and the pixel range, and `scgcm.parallel.editing.edit_images`
+ends with it. `HeunEditor` applies the same
 projection after every step of EDM's Heun sampler through the score head, with the known part put
 back at the current noise level, A·y + t·A·z (z the starting noise), and at t = 0 as A·y itself.
 
@@ -105,6 +109,37 @@ def project(
 ) -> Float[Array, "c h w"]:
     """A⁻¹[known ⊙ A·y + (1 − known) ⊙ A·x]: x with the known coefficients of y put back."""
     return amap.inverse(known * amap.forward(y) + (1 - known) * amap.forward(x))
+
+
+def fit_to_range(
+    amap: OrthogonalMap, x: Float[Array, "c h w"], y: Float[Array, "c h w"], known: Float[Array, "c h w"],
+    *, tol: float = 1e-5, max_iter: int = 5000,
+) -> Float[Array, "c h w"]:
+    """x moved into the intersection of the constraint set {project(·) = ·} (the known coefficients of y)
+    and the pixel range [-1, 1], close to its nearest point: Dykstra's alternating projections (for an
+    affine set only the box needs a correction term), until the box-feasible iterate breaks the
+    constraint by at most `tol` (or `max_iter` rounds), then projected onto the constraint once more.
+
+    The result keeps the constraint exactly (to float round-off) and lies in [-1, 1] to within `tol`, so
+    the clip of the uint8 conversion moves it by at most `tol` and the written image keeps the known
+    part to rounding. The intersection is not empty when y is in range (y itself is in it). An x in
+    range that keeps the constraint is returned unchanged (to round-off)."""
+
+    def violation(b):
+        return jnp.max(jnp.abs(project(amap, b, y, known) - b))
+
+    def cond(carry):
+        i, _, _, err = carry
+        return (i < max_iter) & (err > tol)
+
+    def body(carry):
+        i, b, q, _ = carry
+        a = project(amap, b, y, known)
+        b = jnp.clip(a + q, -1.0, 1.0)
+        return i + 1, b, a + q - b, violation(b)
+
+    start = (jnp.asarray(0), x, jnp.zeros_like(x), jnp.asarray(jnp.inf, x.dtype))
+    return project(amap, jax.lax.while_loop(cond, body, start)[1], y, known)
 
 
 def given_image(amap: OrthogonalMap, y: Float[Array, "c h w"], known: Float[Array, "c h w"]) -> Float[Array, "c h w"]:

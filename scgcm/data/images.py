@@ -14,13 +14,17 @@ needs exactly `image_size`×`image_size`; FID passes `image_size=None` (any H×W
 resizes every image to 299×299 itself) and channels (1, 3), grey being repeated to RGB by `rgb`.
 """
 
+import struct
+import warnings
 import zipfile
+import zlib
 from collections.abc import Collection
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, UInt8
+from PIL import Image, UnidentifiedImageError
 
 from scgcm.errors import UserError
 
@@ -83,6 +87,31 @@ def read_npz(path: str | Path) -> np.ndarray:
         if isinstance(e, ImageArrayError):
             raise
         raise ImageArrayError(f"{path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def read_image_file(path: str | Path, mode: str, size: tuple[int, int] | None = None) -> UInt8[np.ndarray, "h w c"]:
+    """One image file decoded to PIL `mode` ("L", "RGB", "RGBA") as uint8 [H, W, C], or a one-line
+    ImageArrayError naming the file: not an image, damaged or truncated, a declared size over PIL's
+    decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`), or, when `size` (W, H) is given, any other size.
+    Sizes are read from the header and checked before anything is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not decoded
+            with Image.open(path) as image:
+                if size is not None and image.size != tuple(size):
+                    raise ImageArrayError(f"{path}: image is {image.size[0]}x{image.size[1]}, "
+                                          f"expected {size[0]}x{size[1]}")
+                array = np.asarray(image.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageArrayError(f"{path}: refused before decoding, its header declares a huge image ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageArrayError(f"{path}: not an image file PIL can read (unknown or damaged format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
+        if isinstance(e, ImageArrayError):
+            raise
+        why = (str(e).splitlines() or [""])[0][:120]
+        raise ImageArrayError(f"{path}: damaged or truncated image ({type(e).__name__}: {why})") from None
+    return array.reshape(*array.shape[:2], -1)
 
 
 def to_model_range(images_u8: np.ndarray) -> np.ndarray:

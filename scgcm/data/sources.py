@@ -5,7 +5,9 @@
 a source's content. NHWC exists only in `scgcm.data`: everything downstream sees `c h w`.
 """
 
+import codecs
 import hashlib
+import io
 import os
 import pickle
 import socket
@@ -13,11 +15,11 @@ import tarfile
 import warnings
 import zlib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-from PIL import Image
 
-from scgcm.data.images import ImageArrayError, as_nhwc_uint8, read_npz
+from scgcm.data.images import ImageArrayError, as_nhwc_uint8, read_image_file, read_npz
 from scgcm.errors import UserError
 
 HF_CIFAR10 = "uoft-cs/cifar10"
@@ -114,7 +116,7 @@ def _from_path(path: Path, split: str, image_size: int | None, channels: int) ->
     if any((path / f).is_file() for files in CIFAR_SPLITS.values() for f in files):
         available = {p.name: p for p in path.iterdir() if p.is_file()}
         chosen = _cifar_files(available, split, str(path))
-        return np.concatenate([_decode_cifar_batch(available[f].read_bytes(), f) for f in chosen])
+        return np.concatenate([_decode_cifar_batch(available[f].read_bytes(), str(available[f])) for f in chosen])
     if any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         import datasets
 
@@ -136,14 +138,63 @@ def _cifar_files(available: dict, split: str, where: str) -> list[str]:
     return chosen
 
 
-def _decode_cifar_batch(raw: bytes, name: str) -> np.ndarray:
-    """One official python batch: rows of 3072 bytes, the R, G, B 32×32 planes in turn."""
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that asks for a global outside `CifarUnpickler.ALLOWED`."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles of Python 3 use it for bytes: text → latin-1 bytes only."""
+    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
+        raise RefusedPickle(f"_codecs.encode with {type(text).__name__} and encoding {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _numpy_reconstructors() -> dict[tuple[str, str], object]:
     try:
-        batch = pickle.loads(raw, encoding="bytes")  # the official format is a pickle; only load trusted files
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+    found = {}
+    for package in ("numpy.core", "numpy._core"):  # written by numpy 1 or 2: the same functions
+        found[(f"{package}.multiarray", "_reconstruct")] = _reconstruct
+        found[(f"{package}.numeric", "_frombuffer")] = _frombuffer
+    return found
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch without running code from it: the only globals it hands out
+    are numpy's array reconstruction (`ndarray`, `dtype`, `_reconstruct` of protocols 0-4, `_frombuffer`
+    of protocol 5) and `_codecs.encode` restricted to latin-1 (how Python 3 writes bytes in protocol 2);
+    the rest of a batch (dict, list, bytes, str, int) needs no global. Any other global (os.system,
+    builtins.eval, a function of some module) raises RefusedPickle before it is even imported."""
+
+    ALLOWED: ClassVar[dict] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode, **_numpy_reconstructors()}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise RefusedPickle(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise RefusedPickle(f"persistent id {str(pid)[:40]!r}")
+
+
+def _decode_cifar_batch(raw: bytes, name: str) -> np.ndarray:
+    """One official python batch: rows of 3072 bytes, the R, G, B 32×32 planes in turn. Read by
+    `CifarUnpickler`: a pickle that would call anything else is refused, and nothing of it runs."""
+    try:
+        batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except RefusedPickle as exc:
+        raise DataError(f"{name}: refused the pickled global {exc} (a CIFAR-10 python batch holds only dicts, lists, "
+                        "bytes, str, int and numpy arrays; this file would run code): not loaded") from None
     except Exception as exc:  # noqa: BLE001 (a damaged pickle raises almost anything)
         raise DataError(f"{name}: not a CIFAR-10 python batch (damaged: {type(exc).__name__})") from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
-    if data is None or np.asarray(data).size % 3072:
+    if not isinstance(data, (np.ndarray, list)) or np.asarray(data).dtype == object or np.asarray(data).size % 3072:
         raise DataError(f"{name}: not a CIFAR-10 python batch (no 'data' of 3072-byte rows)")
     return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
@@ -173,20 +224,20 @@ def _pil_to_array(image, channels: int) -> np.ndarray:
 
 
 def _from_image_folder(path: Path, image_size: int | None, channels: int) -> np.ndarray:
-    """Every image file under `path`, sorted; all image_size×image_size (None: all the first one's size)."""
-
+    """Every image file under `path`, sorted; all image_size×image_size (None: all the first one's size).
+    A file that is not an image, is damaged or declares a huge size is a one-line error (`read_image_file`)."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: no CIFAR-10 batches, dataset or image files (png/jpg/jpeg/bmp/webp); " + SOURCE_HELP)
+    if channels not in PIL_MODES:
+        raise DataError(f"cannot decode images to {channels} channels (1, 3 or 4)")
+    size = None if image_size is None else (image_size, image_size)
     images = None
     for i, file in enumerate(files):
-        with Image.open(file) as image:
-            w, h = image.size if image_size is None else (image_size, image_size)
-            if images is None:
-                images = np.empty((len(files), h, w, channels), np.uint8)
-            if image.size != (w, h):
-                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected {w}x{h}")
-            images[i] = _pil_to_array(image, channels)
+        image = read_image_file(file, PIL_MODES[channels], size)
+        if images is None:
+            images, size = np.empty((len(files), *image.shape), np.uint8), image.shape[1::-1]
+        images[i] = image
     return images
 
 

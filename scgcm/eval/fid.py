@@ -20,11 +20,10 @@ import numpy as np
 import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, UInt8
-from PIL import Image
 from tqdm.auto import tqdm
 
 from scgcm.data import sources as data
-from scgcm.data.images import FID_CHANNELS, as_nhwc_uint8, read_npz, rgb
+from scgcm.data.images import FID_CHANNELS, ImageArrayError, as_nhwc_uint8, read_image_file, read_npz, rgb
 from scgcm.errors import UserError
 from scgcm.eval import inception, statcache
 from scgcm.eval.precision_recall import K, precision_recall, subsample
@@ -70,10 +69,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     product = sigma1 @ sigma2
     if not np.isfinite(product).all():
         raise ValueError("Σ₁Σ₂ overflows: FID is undefined")
-    covmean = scipy.linalg.sqrtm(product)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # "Matrix is singular": expected below MIN_SAMPLES, which warns already
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(product)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
             raise ValueError("sqrtm(Σ₁Σ₂) is not finite, even with ε·I added: FID is undefined")
     if np.iscomplexobj(covmean):
@@ -253,13 +254,12 @@ def load_samples(path: str | Path) -> np.ndarray:
         files = sorted(path.glob("*.png"))
         if not files:
             raise UserError(f"{path}: no .png files in the folder")
-        arrays = []
-        for f in files:
-            with Image.open(f) as image:
-                arrays.append(np.asarray(image.convert("RGB")))
-                if arrays[-1].shape != arrays[0].shape:
-                    raise UserError(f"{f}: image is {image.size[0]}x{image.size[1]}, unlike {files[0].name} "
-                                    f"({arrays[0].shape[1]}x{arrays[0].shape[0]})")
+        arrays = [read_image_file(files[0], "RGB")]  # damaged, not an image, a huge declared size: one line
+        for f in files[1:]:
+            try:
+                arrays.append(read_image_file(f, "RGB", arrays[0].shape[1::-1]))
+            except ImageArrayError as e:
+                raise UserError(str(e).replace(", expected", f", unlike {files[0].name}")) from None
         images = np.stack(arrays)
     else:
         images = read_npz(path)

@@ -11,13 +11,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
-from scgcm.core.editing import Editor, OrthogonalMap, edit, interpolate
+from scgcm.core.editing import Editor, OrthogonalMap, edit, fit_to_range, interpolate
 from scgcm.nn.model import SCGCM
 
 
 @eqx.filter_jit
 def _edit_batch(model, keys, given, y, known, editor, amap):
-    one = lambda k, g, yy, m: edit(model, k, g, yy, m, editor=editor, amap=amap)  # noqa: E731
+    def one(k, g, yy, m):
+        start, result = edit(model, k, g, yy, m, editor=editor, amap=amap)
+        return start, fit_to_range(amap, result, yy, m)  # the written uint8 image keeps the constraint too
+
     return jax.vmap(one)(keys, given, y, known)
 
 
@@ -54,7 +57,8 @@ def edit_images(
     mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(start, result) float32 [n, c, h, w] for every row; row r uses the key fold_in(key(seed), indices[r]),
-    so a result depends on the seed and its image index, not on the batch size or device count."""
+    so a result depends on the seed and its image index, not on the batch size or device count. Each
+    result is `fit_to_range`'s: in [-1, 1] and keeping the known part, so its uint8 image keeps it too."""
     model = eqx.nn.inference_mode(model)
     mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("data",))
     sharding = NamedSharding(mesh, P("data"))

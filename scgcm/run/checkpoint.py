@@ -172,7 +172,8 @@ class _NoSpaceFilter(logging.Filter):
 
 def _manager(directory: Path, max_to_keep: int | None, best: bool = False, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        max_to_keep=None if read_only else max_to_keep,  # what orbax sets (with a warning each) for a reader
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=False,
         best_fn=(lambda m: m["fid"]) if best else None,
         best_mode="min",
@@ -182,7 +183,19 @@ def _manager(directory: Path, max_to_keep: int | None, best: bool = False, read_
         read_only=read_only,
     )
     # the handler named up front, so that item_metadata can read a checkpoint this manager did not write
-    return ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler(), options=options)
+    quiet, absl = _ReadOnlyNoteFilter(), logging.getLogger("absl")
+    absl.addFilter(quiet)  # "Given directory is read only=…": a reader asked for exactly that
+    try:
+        return ocp.CheckpointManager(directory.absolute(), item_handlers=ocp.StandardCheckpointHandler(), options=options)
+    finally:
+        absl.removeFilter(quiet)
+
+
+class _ReadOnlyNoteFilter(logging.Filter):
+    """Drops orbax's warning that a read-only manager's directory is read only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
 
 
 class Checkpointer:

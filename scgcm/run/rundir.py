@@ -134,14 +134,18 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"--config.workdir {workdir} is in use by another trainer ({holder or 'unknown holder'}); "
-                                "wait for it to end or stop it, or use another --config.workdir") from None
+                raise UserError(self.in_use(workdir, holder or "unknown holder")) from None
             log.warning("could not lock %s (%s); continuing without a lock", self.path, e)  # e.g. no locks on NFS
             return
         self.stale = self._holder()  # text left by a trainer that died holding the lock, or ""
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+    @staticmethod
+    def in_use(workdir: Path, holder: str) -> str:
+        return (f"--config.workdir {workdir} is in use by another trainer ({holder}); "
+                "wait for it to end or stop it, or use another --config.workdir")
 
     def _holder(self) -> str:
         try:
@@ -156,6 +160,19 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class SweepLock(RunLock):
+    """The lock of `python -m scgcm.evaluate RUN` (<workdir>/sweep.lock): one checkpoint sweep per run
+    directory, so that two never evaluate the same checkpoints and append them twice. It is not the
+    trainer's lock: a sweep runs beside training."""
+
+    NAME = "sweep.lock"
+
+    @staticmethod
+    def in_use(workdir: Path, holder: str) -> str:
+        return (f"{workdir}: another checkpoint sweep is running on this run directory ({holder}); "
+                "wait for it to end or stop it")
 
 
 # Fields whose change alters the run's arithmetic (or, for phema, the layout of the state its checkpoints
