@@ -1,11 +1,17 @@
 """FID Inception: TF1 resize by hand, uint8 rounding, the weight reader's safety and cache, and the
-network against the TorchScript original (torch is an optional oracle; tests needing the 81 MB
-weights skip when they cannot be fetched)."""
+network against the TorchScript original.
+
+The suite needs no torch: the resize, the reader and the features are compared with goldens that
+torch wrote once (tests/data/inception_golden.npz and reader_module.pt, made by
+experiments/make_inception_goldens.py). With torch installed (`.[oracle]`) the same checks also run
+live, on other inputs; without it they skip. Tests needing the 81 MB weights skip when they cannot
+be fetched."""
 
 import io
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +20,15 @@ import pytest
 
 from scgcm.data.images import to_uint8
 from scgcm.eval import inception
+
+DATA = Path(__file__).parent / "data"
+RESIZE_STRIDE = 7  # the golden resize keeps every 7th row and column (see make_inception_goldens.py)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    with np.load(DATA / "inception_golden.npz") as z:
+        return {k: z[k] for k in z.files}
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +73,14 @@ def test_tf1_resize_hand_values():
     out = inception.tf1_resize_bilinear(jnp.broadcast_to(row, (2, 4, 4, 3)), 7)
     assert out.shape == (2, 7, 7, 3)
     np.testing.assert_allclose(out[1, 5, :, 2], [0, 40, 80, 120, 160, 200, 210], atol=1e-4)
+
+
+def test_resize_matches_golden_grid_sample(golden):
+    """NVIDIA's grid_sample emulation of TF1's resize, on two real CIFAR-10 images, written by torch."""
+    ours = inception.tf1_resize_bilinear(jnp.asarray(golden["images"][:2]), 299)
+    ours = np.asarray(ours)[:, ::RESIZE_STRIDE, ::RESIZE_STRIDE]
+    assert ours.shape == golden["resized"].shape == (2, 43, 43, 3)
+    assert np.abs(ours - golden["resized"]).max() < 1e-3  # grey levels
 
 
 def test_resize_matches_nvidia_grid_sample():
@@ -107,6 +130,16 @@ def test_unpickler_refuses_other_globals(tmp_path):
     path = _archive(tmp_path / "evil.pt", pickle.dumps({"weight": Evil()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="refusing global"):
         inception.read_torchscript_params(path)
+
+
+def test_reader_reads_the_golden_torchscript_module(golden):
+    params = inception.read_torchscript_params(DATA / "reader_module.pt")
+    expected = {k.removeprefix("reader_"): v for k, v in golden.items() if k.startswith("reader_")}
+    floats = {k: v for k, v in params.items() if np.issubdtype(v.dtype, np.floating)}
+    assert sorted(floats) == sorted(expected) == ["0.bias", "0.weight", "1.bias", "1.running_mean",
+                                                  "1.running_var", "1.weight"]
+    for name, array in expected.items():
+        np.testing.assert_array_equal(floats[name], array)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -183,6 +216,17 @@ def test_rejects_wrong_input_size(net_fn):
     net, _ = net_fn
     with pytest.raises(ValueError, match="299"):
         net(jnp.zeros((1, 32, 32, 3)))
+
+
+def test_features_match_golden_torchscript(net_fn, golden):
+    """The TorchScript network's features of four real CIFAR-10 images, written once by torch."""
+    net, fn = net_fn
+    ours = np.asarray(fn(net, inception.preprocess(jnp.asarray(golden["images"]))))
+    ref = golden["features"]
+    assert ours.shape == ref.shape == (4, 2048)
+    diff = np.abs(ours - ref).max()
+    print(f"max |jax - torchscript golden| = {diff:.3g} (features up to {np.abs(ref).max():.3g})")
+    assert diff <= 1e-4
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

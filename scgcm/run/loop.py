@@ -32,6 +32,7 @@ from scgcm.parallel import distributed
 from scgcm.parallel.generate import generate
 from scgcm.parallel.mesh import global_batch, make_mesh, replicate
 from scgcm.parallel.train_fn import make_train_fn
+from scgcm.run import accelerator
 from scgcm.run.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.run.config import TrainConfig, build_loss, build_schedule, build_state
 from scgcm.run.load import fid_extractor, run_reference, run_sampler
@@ -298,6 +299,7 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
     (tp, ta), (hp, ha) = count_params(state.model.torso), count_params(state.model.head)
     log.info("devices: %s (%d processes)", jax.devices(), jax.process_count())
     log.info("parameters: torso %s in %d arrays, head %s in %d arrays", f"{tp:,}", ta, f"{hp:,}", ha)
+    accelerator.check_platform(cfg, log)  # one line: no accelerator for an accelerator preset, or too little memory
     state = replicate(state, mesh)
 
     # Set up the data path and the jitted updates.
