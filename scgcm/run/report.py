@@ -1,19 +1,7 @@
-"""Comparing training runs (`python -m scgcm.report`).
-
-Reads each run directory's `metrics.jsonl`, `config.json` and `samples/` (a run still going is read
-as far as it has got; a torn last line is skipped) and writes to DIR:
-
-    <quantity>.png    the runs overlaid against updates (left) and kimg (right): losses, torso
-                      gradient norm (interval mean, and the largest single update as a thin line),
-                      update distance, N(k), images/s, skipped updates; fid_<mode>.png per sampling
-                      mode, one line per run and sample count (FID depends on the count)
-    grids_<mode>.png  the sample grids of all runs side by side (columns) at matching steps (rows)
-    report.md         a summary table per run, an FID table, the plots and grids
-
-A gradient-norm spike is a logged interval whose largest per-update torso gradient norm exceeds
-`--spike-factor` (default 3) times the median of the interval means of the `--spike-window`
-(default 10) intervals before it; the first window of intervals is not judged.
-"""
+"""Comparing training runs (the library of `python -m scgcm.report`, whose docstring describes the output):
+each run directory's metrics.jsonl, config.json and sample grids become overlaid plots, grids side by side
+and report.md. A gradient-norm spike is an interval whose largest per-update torso gradient norm exceeds
+`factor` times the median of the interval means of the `window` intervals before it."""
 
 import json
 import math
