@@ -23,14 +23,17 @@ What carries over (names and layouts: `scgcm.nn.original_names`, the one table):
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scgcm.core.losses import default_huber_c
 from scgcm.core.state import TrainState
 from scgcm.errors import UserError
 from scgcm.nn.original_names import ITEMS, expected_params, model_paths, original_table, to_scgcm
@@ -95,9 +98,18 @@ def _is_array_metadata(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+class _NoItemMetadataNote(logging.Filter):
+    """Drops orbax's note that an item folder (written by a CheckpointManager) has no checkpoint metadata of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
 def read_item(item_dir: Path) -> dict[str, np.ndarray]:
     """Every array of one orbax item, by '/'-joined name; a one-line UserError if orbax cannot read it."""
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    quiet, absl = _NoItemMetadataNote(), logging.getLogger("absl")
+    absl.addFilter(quiet)
     try:
         metadata = checkpointer.metadata(item_dir.absolute())
         tree = getattr(metadata, "item_metadata", metadata)
@@ -108,6 +120,7 @@ def read_item(item_dir: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{item_dir}: unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     finally:
         checkpointer.close()
+        absl.removeFilter(quiet)
     return {k: np.asarray(v) for k, v in _flat_names(restored).items()}
 
 
@@ -170,45 +183,60 @@ def config_from_original(values: dict, base: TrainConfig, source: str = "config.
     for key in NOT_SUPPORTED:
         if _get(values, key) is not None:
             raise UserError(f"{source}: {key} is set; scgcm's optimizer has no such option, so a resumed run would differ")
-    d, h, f = (lambda k, default: _get(values, f"model.diffusion.{k}", default),
-               lambda k, default: _get(values, f"model.head.{k}", default),
-               lambda k, default: _get(values, f"framework.diffusion.{k}", default))
+    # YAML writes 80 for 80.0 and 1e-4 as a string: every value is cast to its field's type
+    top = lambda k, default, cast: _cast(_get(values, k), default, cast, k, source)
+    d = lambda k, default, cast: top(f"model.diffusion.{k}", default, cast)
+    h = lambda k, default, cast: top(f"model.head.{k}", default, cast)
+    f = lambda k, default, cast: top(f"framework.diffusion.{k}", default, cast)
+    ints = lambda v: tuple(int(x) for x in v)
     m, t, hd = base.model, base.model.torso, base.model.head
     size = _get(values, "dataset.data_size")
     if size is not None and (len(size) != 3 or size[0] != size[1]):
         raise UserError(f"{source}: dataset.data_size {size}: scgcm models square images [H, H, C]")
-    is_atten = h("is_atten", None)
-    torso = TorsoConfig(nf=d("nf", t.nf), ch_mult=tuple(d("ch_mult", t.ch_mult)),
-                        num_res_blocks=d("num_res_blocks", t.num_res_blocks),
-                        attn_resolutions=tuple(d("attn_resolutions", t.attn_resolutions)), dropout=d("dropout", t.dropout),
-                        fourier_scale=d("fourier_scale", t.fourier_scale))
-    head = HeadConfig(model_channels=h("n_channels", hd.model_channels), channel_mult=tuple(h("ch_mults", hd.channel_mult)),
-                      num_blocks=h("n_blocks", hd.num_blocks),
+    is_atten = _get(values, "model.head.is_atten")
+    torso = TorsoConfig(nf=d("nf", t.nf, int), ch_mult=d("ch_mult", t.ch_mult, ints),
+                        num_res_blocks=d("num_res_blocks", t.num_res_blocks, int),
+                        attn_resolutions=d("attn_resolutions", t.attn_resolutions, ints),
+                        dropout=d("dropout", t.dropout, float), fourier_scale=d("fourier_scale", t.fourier_scale, float))
+    head = HeadConfig(model_channels=h("n_channels", hd.model_channels, int), channel_mult=h("ch_mults", hd.channel_mult, ints),
+                      num_blocks=h("n_blocks", hd.num_blocks, int),
                       attn_levels=hd.attn_levels if is_atten is None else tuple(i for i, a in enumerate(is_atten) if a))
-    model = ModelConfig(torso=torso, head=head, image_size=size[0] if size else m.image_size,
-                        channels=d("image_channels", size[2] if size else m.channels),
-                        sigma_min=f("sigma_min", m.sigma_min), sigma_max=f("sigma_max", m.sigma_max),
+    model = ModelConfig(torso=torso, head=head, image_size=int(size[0]) if size else m.image_size,
+                        channels=d("image_channels", int(size[2]) if size else m.channels, int),
+                        sigma_min=f("sigma_min", m.sigma_min, float), sigma_max=f("sigma_max", m.sigma_max, float),
                         sigma_data=m.sigma_data, noise_scale=m.noise_scale)
-    ema = f("params_ema_for_training", None)
-    train = f("train", {}) or {}
-    flow = f("gradient_flow_from_head", None)
+    ema = f("params_ema_for_training", None, lambda v: (float(v[0]), int(v[1]), int(v[2])))
+    train = lambda k, default, cast: f(f"train.{k}", default, cast)
+    flow = f("gradient_flow_from_head", None, bool)
+    # the original's loss is the elementwise pseudo-Huber; its published c (0.003) stays scgcm's default (None)
+    huber_c = f("pseudo_huber_loss_c", base.loss.huber_c, float)
+    if base.loss.huber_form == "elementwise" and huber_c == default_huber_c("elementwise", 1):
+        huber_c = base.loss.huber_c
     return dataclasses.replace(
         base, model=model,
         variant=base.variant if flow is None else ("score" if flow else "vanilla"),
-        seed=_get(values, "rand_seed", base.seed),
-        total_steps=train.get("total_step", base.total_steps),
-        batch_size=train.get("total_batch_size", base.batch_size),
-        steps_per_call=_get(values, "n_jitted_steps", base.steps_per_call),
-        saving_step=_get(values, "saving_step", base.saving_step),
+        seed=top("rand_seed", base.seed, int),
+        total_steps=train("total_step", base.total_steps, int),
+        batch_size=train("total_batch_size", base.batch_size, int),
+        steps_per_call=top("n_jitted_steps", base.steps_per_call, int),
+        saving_step=top("saving_step", base.saving_step, int),
         ict=dataclasses.replace(base.ict, s0=ema[1] if ema else base.ict.s0, s1=ema[2] if ema else base.ict.s1,
-                                rho=f("rho", base.ict.rho)),
-        loss=dataclasses.replace(base.loss, huber_c=f("pseudo_huber_loss_c", base.loss.huber_c),
-                                 dsm_weight=f("joint_training_weight", base.loss.dsm_weight)),
-        optim=dataclasses.replace(base.optim, torso_lr=train.get("torso_learning_rate", base.optim.torso_lr),
-                                  head_lr=train.get("head_learning_rate", base.optim.head_lr),
-                                  ema_decay=_get(values, "ema.beta", base.optim.ema_decay)),
-        sample=dataclasses.replace(base.sample, sampling_step=_get(values, "sampling_step", base.sample.sampling_step)),
+                                rho=f("rho", base.ict.rho, float)),
+        loss=dataclasses.replace(base.loss, huber_c=huber_c, dsm_weight=f("joint_training_weight", base.loss.dsm_weight, float)),
+        optim=dataclasses.replace(base.optim, torso_lr=train("torso_learning_rate", base.optim.torso_lr, float),
+                                  head_lr=train("head_learning_rate", base.optim.head_lr, float),
+                                  ema_decay=top("ema.beta", base.optim.ema_decay, float)),
+        sample=dataclasses.replace(base.sample, sampling_step=top("sampling_step", base.sample.sampling_step, int)),
     )
+
+
+def _cast(value, default, cast, key: str, source: str):
+    if value is None:
+        return default
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {key} is {value!r}, not a {getattr(cast, '__name__', 'value')} scgcm can use") from None
 
 
 def resumable(cfg: TrainConfig, step: int) -> TrainConfig:
@@ -254,7 +282,7 @@ def convert_state(found: dict[str, dict[str, np.ndarray]], cfg: TrainConfig) -> 
     want = flat_state(skeleton)
     flat: dict[str, np.ndarray] = {}
 
-    def put(key: str, value: np.ndarray) -> None:
+    def put(key: str, value: np.ndarray | np.generic | jax.Array) -> None:
         assert key in want and key not in flat, key
         flat[key] = np.asarray(value, want[key].dtype).reshape(want[key].shape)
 
@@ -283,7 +311,7 @@ def convert_state(found: dict[str, dict[str, np.ndarray]], cfg: TrainConfig) -> 
     put(".step", np.int32(step))
     put(".key", jax.random.key_data(jr.split(jr.key(cfg.seed))[1]))
     assert flat.keys() == want.keys(), sorted(want.keys() - flat.keys())[:3]
-    return state_from_flat(flat, skeleton), step, notes
+    return state_from_flat({k: jnp.asarray(v) for k, v in flat.items()}, skeleton), step, notes
 
 
 def check_new_run(workdir: Path) -> None:
