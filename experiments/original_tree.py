@@ -3,8 +3,8 @@ shape and dtype, as its orbax CheckpointManager writes them: one StandardCheckpo
 model (`diffusion`: the consistency network, NCSN++; `head`: the score head, UNet++), each a flax
 TrainState with `step`, `params`, `opt_state` and `params_ema` (utils/jax_utils.py; utils/fs_utils.py).
 
-The first step of `python -m scgcm.convert` (issue 22, part 3, not finished): the name-and-shape table
-of the converter is to be checked against this file. Nothing is materialised: the original's own
+The table of `python -m scgcm.convert` (scgcm/nn/original_names.py) is checked against this file by
+tests/test_convert.py: the same names and shapes. Nothing is materialised: the original's own
 CMFramework init runs under jax.eval_shape (experiments/reference_plan.py's `build_reference`).
 
 Set-up (the original needs flax and hydra; scgcm does not), then:

@@ -83,6 +83,16 @@ def _unflatten(flat: dict, skeleton: PyTree) -> PyTree:
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)
 
 
+def flat_state(tree: PyTree) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
+    """The flat {key path: array} form a checkpoint stores (typed PRNG keys as their raw uint32 data)."""
+    return _flatten(tree)
+
+
+def state_from_flat(flat: dict, skeleton: PyTree) -> PyTree:
+    """The inverse of `flat_state`: the arrays of `flat` in the leaves of `skeleton` (shapes checked)."""
+    return _unflatten(flat, skeleton)
+
+
 def array_crc32(x) -> int:
     """CRC-32 of an array's C-order bytes."""
     return zlib.crc32(np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8))
