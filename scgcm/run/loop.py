@@ -154,9 +154,30 @@ def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
         if restored is not None and restored[1] % n:
             raise UserError(f"--config.steps-per-call {n}: the run resumes at step {restored[1]}, which is not a "
                             "multiple of it; use the steps-per-call the run was started with")
+        if restored is not None and cfg.phema:
+            write_missing_snapshots(ckpt, skeleton, restored, log)
         return training_loop(cfg, workdir, log, launched, extractor, optim, ckpt, restored)
     finally:
         ckpt.close()
+
+
+def write_missing_snapshots(ckpt: Checkpointer, skeleton: TrainState, restored: tuple[TrainState, int], log) -> None:
+    """A kept checkpoint without its post-hoc EMA snapshot (written by a version that saved the snapshot after
+    the checkpoint, and killed between the two) gets it now, from its own state: the snapshots are those of
+    the uninterrupted run. One warning line per snapshot written, and per checkpoint too damaged to give one."""
+    state, step = restored
+    counters = dict(ckpt.counters)  # restoring another step below replaces them
+    snapshots = set(ckpt.steps("phema"))
+    for s in [s for s in ckpt.steps() if s <= step and s not in snapshots]:
+        try:
+            phema = state.phema if s == step else ckpt.restore(skeleton, step=s)[0].phema
+        except UserError as e:
+            log.warning("checkpoint %d has no post-hoc EMA snapshot and can't give it (%s); the fits of "
+                        "scgcm.phema will go without step %d", s, e, s)
+            continue
+        ckpt.save_named("phema", s, phema)
+        log.warning("checkpoint %d had no post-hoc EMA snapshot (a kill between the two?): written from it", s)
+    ckpt.counters = counters
 
 
 def _initial_state(cfg: TrainConfig, optim, ckpt: Checkpointer, restored, log) -> tuple[TrainState, int, int]:
@@ -241,10 +262,12 @@ class Outputs:
         modes and count when `final`), then the best per mode."""
         scores = self.evaluate_fid(state, at, final) if with_fid and self.evaluator is not None else {}
         processes, per_process = distributed.layout()  # recorded, so that a resume on another layout says so
+        if state.phema is not None and (at not in self.ckpt.steps() or at not in self.ckpt.steps("phema")):
+            # The post-hoc EMA snapshot (all kept) before the checkpoint: a latest checkpoint implies its snapshot.
+            # A snapshot without its checkpoint (a kill between the two) is replaced by the same arrays.
+            self.ckpt.save_named("phema", at, state.phema)
         self.ckpt.save(at, state, counters={"skipped_total": skipped_total, "process_count": processes,
                                             "devices_per_process": per_process})
-        if state.phema is not None and at not in self.ckpt.steps("phema"):  # snapshots for post-hoc EMA, all kept
-            self.ckpt.save_named("phema", at, state.phema)
         self.log.info("checkpoint saved at step %d", at)
         comparable = not final or (self.evaluator is not None and self.final_evaluator.num == self.evaluator.num)
         for mode, value in scores.items():  # a final FID of another count is not comparable: FID depends on N
