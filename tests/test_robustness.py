@@ -219,6 +219,27 @@ def test_bad_data_is_one_line(images, needle, tmp_path, capsys):
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0].lower() and "bad.npz" in lines[0], err
+    assert not (tmp_path / "w").exists()  # a new run directory is made only once its data loads
+
+
+def test_bad_data_leaves_an_existing_run_directory_as_it_was(tmp_path, capsys):
+    """A run directory being resumed whose data fails now: only the error is added to its log."""
+    from scgcm.run.rundir import write_config
+
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 16, 16, 3), np.uint8))
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    argv = ["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(workdir),
+            "--config.data.source", str(tmp_path / "bad.npz")]
+    from scgcm.train import parse
+
+    write_config(workdir, parse(argv))  # an earlier start of the same run
+    before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+    code, err = _main(argv, capsys)
+    assert code == 2
+    after = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k not in ("log.txt", "trainer.lock")} == before
+    assert "bad.npz" in after["log.txt"].decode() and after["trainer.lock"] == b""
 
 
 PHEMA_RUN = ("--config.phema", "--config.total-steps", "12", "--config.sample.no-final-sampling")  # snapshots at 4, 8, 12
