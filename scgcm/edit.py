@@ -5,8 +5,10 @@ Zero-shot editing with a trained run (Song et al. 2023, Algorithm 4; `scgcm.core
 inpaint, colorize, superres (the output keeps the known pixels, luminance or block means exactly),
 stroke (SDEdit from a coarse painting), denoise (Gaussian noise of a known σ) and interpolate
 (spherical interpolation between two latents). `--sampler heun` runs the same projections through the
-score head's Heun sampler. Writes an .npz (results as `images`, plus `inputs`, `given`, `index`) and a
-PNG grid with one row per image: input, what the model was given, result.
+score head's Heun sampler. Writes an .npz (results as `images`, plus `inputs`, `given`, `index` and `known`,
+1 where a coefficient of A·y is kept; all uint8 [N, H, W, C]) and a PNG grid with one row per image: input,
+what the model was given, result. A grey image file in an --input folder for an RGB model is decoded with
+its grey level in every channel, and a one-line warning says so.
 """
 
 import sys
@@ -140,7 +142,7 @@ def select_images(args: EditArgs, cfg) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [n, h, w, c] images, their indices in --input), or a one-line error naming --input/--index/--num."""
     m = cfg.model
     try:
-        images = load_images(args.input, split=args.split, image_size=m.image_size, channels=m.channels)
+        images = load_images(args.input, split=args.split, image_size=m.image_size, channels=m.channels, flag="--input")
     except DataError as e:
         raise UserError(f"--input: {e}") from None
     if args.index:
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                       batch_size=args.batch_size)
         result, shown_u8 = _u8(edited), _u8(start if shown is None else shown)
         np.savez_compressed(out, images=result, inputs=images, given=shown_u8, index=indices,
-                            known=known.astype(np.uint8), seed=args.seed)
+                            known=known.astype(np.uint8).transpose(0, 2, 3, 1), seed=args.seed)  # NHWC, as the images
         save_grid(np.stack([images, shown_u8, result], axis=1).reshape(-1, *result.shape[1:]), grid, nrow=3)
     print(f"{args.task} ({args.sampler}, step {step}, {'EMA' if args.ema else 'raw'} weights): "
           f"{len(result)} images -> {out}, grid {grid}")

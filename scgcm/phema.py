@@ -26,7 +26,7 @@ from scgcm.eval.fid import check_sample_count, fid_label
 from scgcm.eval.plot import plot_lines
 from scgcm.eval.scores import describe_scores, flat_scores
 from scgcm.run.load import fid_extractor, load_run_config, load_state, run_evaluator
-from scgcm.run.posthoc import checkpoint_name, reconstruct
+from scgcm.run.posthoc import checkpoint_name, distinct_sigma_rels, reconstruct
 from scgcm.run.rundir import dumps_finite, use_compile_cache
 from scgcm.run.sweep import check_modes
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (workdir / "config.json").is_file():
         raise UserError(f"{workdir}: not a run directory (no config.json)")
     cfg = load_run_config(workdir)
+    distinct_sigma_rels(args.sigma_rel)  # before any --fid work
     use_compile_cache(args.compile_cache)
     if args.fid:  # every --fid input (and the reference) before the reconstruction
         check_modes(args.modes)
@@ -69,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         evaluator, ref_name = run_evaluator(cfg, extractor, modes=args.modes, num=args.num,
                                                    batch_size=args.batch_size, seed=args.seed,
                                                    fid_ref=args.fid_ref or cfg.fid.ref)
-    written, target = reconstruct(workdir, args.sigma_rel, args.step)
+    sigma_rels = distinct_sigma_rels(args.sigma_rel)  # none is an error; each once
+    written, target = reconstruct(workdir, sigma_rels, args.step)
     if not args.fid:
         return 0
     results = {}
-    for s in args.sigma_rel:
+    for s in sigma_rels:
         state, _ = load_state(workdir, cfg, checkpoint_name(s))
         results[s] = evaluator.evaluate(state.ema)
-        print(f"σ_rel {s:.3f}: {fid_label(args.num)} {describe_scores(results[s])} (against {ref_name})")
+        print(f"σ_rel {checkpoint_name(s).removeprefix('phema_')}: {fid_label(args.num)} {describe_scores(results[s])} "
+              f"(against {ref_name})")
     record = {"step": target, "num": args.num, "seed": args.seed, "label": fid_label(args.num), "reference": ref_name,
               "results": [{"sigma_rel": s, **flat_scores(r)} for s, r in results.items()]}
     (workdir / "phema_fid.json").write_text(dumps_finite(record, indent=2) + "\n")

@@ -50,12 +50,13 @@ def run_train(workdir: Path, *extra: str, timeout: float = 400, env: dict | None
                           text=True, timeout=timeout)
 
 
-def checkpoint_arrays(workdir: Path, step: int) -> dict[str, np.ndarray]:
-    """The flat {path: array} dict of a checkpoint, read back with orbax into host arrays, whatever layout
-    wrote it (orbax refuses to restore arrays saved from another topology without a target)."""
+def checkpoint_arrays(workdir: Path, step: int, folder: str = "latest") -> dict[str, np.ndarray]:
+    """The flat {path: array} dict of a checkpoint (`checkpoints/<folder>/<step>`), read back with orbax into
+    host arrays, whatever layout wrote it (orbax refuses to restore arrays saved from another topology
+    without a target)."""
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / "latest",
+    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints" / folder,
                                item_handlers=ocp.StandardCheckpointHandler()) as manager:
         saved = manager.item_metadata(step)
         target = {k: np.zeros(m.shape, m.dtype) for k, m in getattr(saved, "tree", saved).items()}

@@ -206,7 +206,8 @@ def test_cli_writes_npz_and_grid(smoke_run, inputs8, tmp_path):
                "--mask", "left", "--seed", "2", "--out", out, "--grid", tmp_path / "grid.png"])
     assert rc == 0
     with np.load(out) as f:
-        images, inputs, given, index = f["images"], f["inputs"], f["given"], f["index"]
+        images, inputs, given, index, known = f["images"], f["inputs"], f["given"], f["index"], f["known"]
+    assert known.shape == images.shape and (known[:, :, 4:] == 1).all() and (known[:, :, :4] == 0).all()  # NHWC
     with np.load(inputs8 / "four.npz") as f:
         np.testing.assert_array_equal(inputs, f["images"][[3, 1]])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and list(index) == [3, 1]
@@ -249,6 +250,31 @@ def test_cli_bad_inputs_fail_in_one_line_before_loading(smoke_run, inputs8, tmp_
         assert _cli(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and flag in err, (argv, err)
+
+
+def test_cli_input_folder_errors_name_input_and_grey_files_are_said(smoke_run, tmp_path, monkeypatch, capsys):
+    """An --input folder without images: one line naming --input (not training's --config.data.source).
+    Grey PNGs for the RGB smoke model: decoded with the grey level in every channel, one warning line."""
+    import scgcm.edit as cli
+    from scgcm.errors import UserError
+
+    def stop(*a, **k):
+        raise UserError("stopped here by the test, after the inputs")
+
+    monkeypatch.setattr(cli, "load_state", stop)
+    (tmp_path / "empty").mkdir()
+    assert _cli(["--workdir", smoke_run, "--task", "inpaint", "--input", tmp_path / "empty"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--input" in err and "--config.data.source" not in err, err
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(grey / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(grey / "2.png")
+    assert _cli(["--workdir", smoke_run, "--task", "inpaint", "--input", grey, "--num", "3"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[1] == "error: stopped here by the test, after the inputs", lines
+    assert lines[0].startswith(f"warning: {grey}: 2 of 3 images are grey (0.png, …), decoded as RGB"), lines
 
 
 # ----------------------------------------------------------------------------- the written file keeps the constraint

@@ -4,6 +4,7 @@ Inception (about 5 images/s on these CPUs); the network itself is tested in test
 
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -276,3 +277,53 @@ def test_fid_of_the_untrained_model_and_a_larger_final_evaluation(fid_run, tmp_p
     ]
     for mode in RUN_MODES:
         assert [p.name for p in (Path(cfg.workdir) / "checkpoints" / f"best_{mode}").iterdir() if p.name.isdigit()] == ["2"]
+
+
+METRICS_LINES = [
+    '{"step": 2, "loss_ct": 0.5, "kimg": 0.016, "grad_norm": 1.0}',
+    '{"step": "x"}',  # line 2: the wrong type of step
+    '{"step": 4, "loss_ct": "a"}',  # line 3: the wrong type of value
+    '{"step": 4, "loss_ct": 0.4, "kimg": 0.032, "grad_norm": 0.9, "fid_onestep": 50.0, "num_fid_samples": 8}',
+    '{"step": 6, "lo',  # line 5: torn by a crash (a newline follows)
+    '{"step": 6, "loss_ct": 0.3, "kimg": 0.048, "grad_norm": 0.8, "fid_onestep": null, "num_fid_samples": 8}',
+]
+
+
+def test_a_metrics_line_of_the_wrong_types_is_skipped_with_one_warning_by_every_reader(tmp_path, capsys, caplog):
+    """report, the sweep's list of evaluated steps, fid.png and a resumed training's MetricsLog read
+    metrics.jsonl through one reader: a bad line is skipped with one warning naming its line number."""
+    from scgcm import report
+    from scgcm.errors import run_cli
+    from scgcm.run.metrics import evaluated_steps
+    from scgcm.run.rundir import MetricsLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in METRICS_LINES))
+    assert run_cli(report.main, [str(run), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert [n for n in range(1, 7) if f"line {n} skipped" in err] == [2, 3, 5], err
+    assert all(err.count(f"line {n} skipped") == 1 for n in (2, 3, 5)) and "Traceback" not in err, err
+    assert "| 6 |" in (tmp_path / "report" / "report.md").read_text()
+
+    with pytest.warns(UserWarning, match="line 2 skipped, its step is \"x\""):
+        assert evaluated_steps(run / "metrics.jsonl", ("onestep",)) == {4, 6}
+    with pytest.warns(UserWarning, match="line 3 skipped, its 'loss_ct' is \"a\""):
+        assert plot_fid(run / "metrics.jsonl", run / "fid.png") and (run / "fid.png").is_file()
+
+    with caplog.at_level(logging.WARNING, logger="scgcm"):
+        MetricsLog(run, resume_step=4).close()  # the resume keeps the records up to its step, and only records
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert [n for n in range(1, 7) if f"dropping line {n}," in caplog.text] == [2, 3, 5], caplog.text
+
+
+def test_report_out_inside_a_run_directory_is_refused(smoke_run, tmp_path, capsys):
+    from scgcm import report
+    from scgcm.errors import run_cli
+
+    for out in (smoke_run / "report", smoke_run, smoke_run / "samples" / "r"):
+        assert run_cli(report.main, [str(smoke_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {out}: inside the run directory"), err
+    assert not (smoke_run / "report").exists() and not (smoke_run / "report.md").exists()
+    assert not (smoke_run / "samples" / "r").exists()

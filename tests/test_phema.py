@@ -19,7 +19,7 @@ from tiny import MICRO_MODEL, tiny_config
 from scgcm import phema as phema_cli
 from scgcm.core import ema as ema_lib, phema
 from scgcm.core.losses import JointLoss
-from scgcm.errors import UserError
+from scgcm.errors import UserError, run_cli
 
 
 def test_sigma_rel_and_gamma_invert_each_other_and_match_the_profiles_std():
@@ -178,7 +178,7 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
     assert "--checkpoint phema_0.080" in capsys.readouterr().out
     assert (workdir / "checkpoints" / "phema_0.080" / "8" / CHECKSUMS).is_file()
     leaf = lambda tree: np.asarray(tree.torso.conv_in.weight, np.float64)
-    between, step = load.load_state(workdir, load.load_run_config(workdir), "phema_0.080")
+    between, step = load.load_state(workdir, load.load_run_config(workdir), "phema_0.08")  # any spelling of 0.08
     gammas = [ema_lib.sigma_rel_to_gamma(s) for s in (0.05, 0.10)]
     x = phema.solve_coefficients(np.array([4.0, 4, 8, 8]), np.tile(gammas, 2), 8, ema_lib.sigma_rel_to_gamma(0.08))
     assert step == 8
@@ -200,3 +200,26 @@ def test_phema_cli_writes_a_checkpoint_that_samples(smoke_run, tmp_path, monkeyp
         phema_cli.main([str(workdir), "--sigma-rel", "0.5"])
     with pytest.raises(UserError, match=r"no snapshot at --step 6 \(snapshots: 4, 8\)"):  # the fit would extrapolate
         phema_cli.main([str(workdir), "--sigma-rel", "0.08", "--step", "6"])
+
+
+    # σ_rel that agree to three decimals get a folder each; one given twice is written once; none is an error
+    assert phema_cli.main([str(workdir), "--sigma-rel", "0.0801", "0.0804", "0.0801"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" -> ") == 2, printed
+    assert "--checkpoint phema_0.0801)" in printed and "--checkpoint phema_0.0804)" in printed, printed
+    near = [load.load_state(workdir, load.load_run_config(workdir), f"phema_{s}")[0].ema for s in ("0.0801", "0.0804")]
+    assert not np.array_equal(leaf(near[0]), leaf(near[1]))
+    assert sorted(p.name for p in (workdir / "checkpoints").glob("phema_*")) == ["phema_0.080", "phema_0.0801",
+                                                                                  "phema_0.0804"]
+    assert run_cli(phema_cli.main, [str(workdir), "--sigma-rel"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --sigma-rel"), err
+
+    # a damaged snapshot: one line naming it and what to do, with the flags the CLI has
+    data = next(p for p in sorted((workdir / "checkpoints" / "phema" / "4" / "default").rglob("*")) if p.is_file()
+                and p.stat().st_size > 100)
+    data.write_bytes(b"\0" * data.stat().st_size)
+    with pytest.raises(UserError) as bad:
+        phema_cli.main([str(workdir), "--sigma-rel", "0.08"])
+    message = str(bad.value)
+    assert "--checkpoint" not in message and "phema/4" in message and "--step" in message, message

@@ -219,3 +219,58 @@ def test_bad_data_is_one_line(images, needle, tmp_path, capsys):
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0].lower() and "bad.npz" in lines[0], err
+    assert not (tmp_path / "w").exists()  # a new run directory is made only once its data loads
+
+
+def test_bad_data_leaves_an_existing_run_directory_as_it_was(tmp_path, capsys):
+    """A run directory being resumed whose data fails now: only the error is added to its log."""
+    from scgcm.run.rundir import write_config
+
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 16, 16, 3), np.uint8))
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    argv = ["--config.preset", "smoke", "--config.batch-size", "8", "--config.workdir", str(workdir),
+            "--config.data.source", str(tmp_path / "bad.npz")]
+    from scgcm.train import parse
+
+    write_config(workdir, parse(argv))  # an earlier start of the same run
+    before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+    code, err = _main(argv, capsys)
+    assert code == 2
+    after = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k not in ("log.txt", "trainer.lock")} == before
+    assert "bad.npz" in after["log.txt"].decode() and after["trainer.lock"] == b""
+
+
+PHEMA_RUN = ("--config.phema", "--config.total-steps", "12", "--config.sample.no-final-sampling")  # snapshots at 4, 8, 12
+# A kill -9 at each point of the save of a checkpoint and its post-hoc EMA snapshot (`SCGCM_FAULT_KILL_AT`,
+# checkpoint.fault_point), one after the other in one run directory, each start resuming from the last:
+# (which save, what the kill leaves behind).
+PHEMA_KILLS = (
+    "phema:4:written",  # a snapshot without checksums, no checkpoint: the restart starts from 0
+    "latest:4:written",  # the snapshot complete, the checkpoint without checksums (restored unverified)
+    "phema:8:done",  # a complete snapshot, no checkpoint: rewritten by the restart from 4
+    "latest:8:done",  # both complete, killed before the log line
+    "phema:12:begin",  # nothing of step 12
+)
+
+
+def test_sigkill_at_each_point_of_a_phema_save_resumes_to_the_same_snapshots(tmp_path):
+    """The snapshots, the final checkpoint and `scgcm.phema`'s reconstruction are bit-identical to those of
+    the uninterrupted run, whichever point of a save the kill came at."""
+    from scgcm import phema as phema_cli
+
+    reference = tmp_path / "reference"
+    assert (done := run_train(reference, *PHEMA_RUN)).returncode == 0, done.stderr[-3000:]
+    workdir = tmp_path / "killed"
+    for point in PHEMA_KILLS:
+        killed = run_train(workdir, *PHEMA_RUN, env={"SCGCM_FAULT_KILL_AT": point})
+        assert killed.returncode == 137, (point, killed.stderr[-3000:])
+    assert (done := run_train(workdir, *PHEMA_RUN)).returncode == 0, done.stderr[-3000:]
+    for run in (reference, workdir):
+        assert phema_cli.main([str(run), "--sigma-rel", "0.08"]) == 0
+    for folder, steps in (("phema", (4, 8, 12)), ("latest", (12,)), ("phema_0.080", (12,))):
+        for step in steps:
+            want, got = checkpoint_arrays(reference, step, folder), checkpoint_arrays(workdir, step, folder)
+            assert sorted(got) == sorted(want), (folder, step)
+            assert [k for k in want if not np.array_equal(got[k], want[k])] == [], (folder, step)

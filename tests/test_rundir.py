@@ -354,3 +354,26 @@ def test_offline_hub_is_one_quick_line(monkeypatch):
     assert tried == [(("huggingface.co", 443), 3.0)]
     assert str(info.value).startswith("cannot reach the Hugging Face hub for CIFAR-10 (OSError: [Errno")
     assert "HF_HUB_OFFLINE=1" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_error_after_opening_the_checkpoints_is_one_line_every_time(smoke_run, tmp_path):
+    """A writer's orbax manager removes leftover temporary folders (of saves a kill cut short) in a thread,
+    which its close did not wait for: an error right after could end in that thread's traceback ("cannot
+    schedule new futures after interpreter shutdown"). 300 such folders make it slow enough to lose that
+    race every time; `scgcm.sample` (a best checkpoint the run has not) and `scgcm.phema` (a step with no
+    snapshot) must print their one line, each of five times."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("samples"))
+    config = json.loads((run / "config.json").read_text())
+    config["config"].update(phema=True)
+    (run / "config.json").write_text(json.dumps(config))
+    calls = [("sample", "--workdir", str(run), "--checkpoint", "best_twostep", "--num", "2"),
+             ("phema", str(run), "--sigma-rel", "0.08", "--step", "6")]
+    for i in range(5):
+        for n in range(300):
+            (run / "checkpoints" / "latest" / f"9.orbax-checkpoint-tmp-{n}" / "default").mkdir(parents=True, exist_ok=True)
+        name, *argv = calls[i % 2]
+        result = subprocess.run([sys.executable, "-m", f"scgcm.{name}", *argv], env=train_env(), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (i, result.stderr[-3000:])
+        assert result.stderr.startswith("error: "), result.stderr

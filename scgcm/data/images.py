@@ -89,11 +89,21 @@ def read_npz(path: str | Path) -> np.ndarray:
         raise ImageArrayError(f"{path}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from None
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+"""PIL modes of single-channel (grey) image files."""
+
+
 def read_image_file(path: str | Path, mode: str, size: tuple[int, int] | None = None) -> UInt8[np.ndarray, "h w c"]:
     """One image file decoded to PIL `mode` ("L", "RGB", "RGBA") as uint8 [H, W, C], or a one-line
     ImageArrayError naming the file: not an image, damaged or truncated, a declared size over PIL's
     decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`), or, when `size` (W, H) is given, any other size.
     Sizes are read from the header and checked before anything is decoded."""
+    return read_image_file_and_mode(path, mode, size)[0]
+
+
+def read_image_file_and_mode(path: str | Path, mode: str,
+                             size: tuple[int, int] | None = None) -> tuple[UInt8[np.ndarray, "h w c"], str]:
+    """`read_image_file`, and the PIL mode the file was stored in (e.g. "L" for a grey PNG)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not decoded
@@ -101,6 +111,7 @@ def read_image_file(path: str | Path, mode: str, size: tuple[int, int] | None = 
                 if size is not None and image.size != tuple(size):
                     raise ImageArrayError(f"{path}: image is {image.size[0]}x{image.size[1]}, "
                                           f"expected {size[0]}x{size[1]}")
+                stored = image.mode
                 array = np.asarray(image.convert(mode), dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageArrayError(f"{path}: refused before decoding, its header declares a huge image ({e})") from None
@@ -111,7 +122,7 @@ def read_image_file(path: str | Path, mode: str, size: tuple[int, int] | None = 
             raise
         why = (str(e).splitlines() or [""])[0][:120]
         raise ImageArrayError(f"{path}: damaged or truncated image ({type(e).__name__}: {why})") from None
-    return array.reshape(*array.shape[:2], -1)
+    return array.reshape(*array.shape[:2], -1), stored
 
 
 def to_model_range(images_u8: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from scgcm.data.images import ImageArrayError, as_nhwc_uint8, read_image_file, read_npz
+from scgcm.data.images import GREY_MODES, ImageArrayError, as_nhwc_uint8, read_image_file_and_mode, read_npz
 from scgcm.errors import UserError
 
 HF_CIFAR10 = "uoft-cs/cifar10"
@@ -232,12 +232,18 @@ def _from_image_folder(path: Path, image_size: int | None, channels: int) -> np.
     if channels not in PIL_MODES:
         raise DataError(f"cannot decode images to {channels} channels (1, 3 or 4)")
     size = None if image_size is None else (image_size, image_size)
-    images = None
+    images, grey = None, []
     for i, file in enumerate(files):
-        image = read_image_file(file, PIL_MODES[channels], size)
+        image, stored = read_image_file_and_mode(file, PIL_MODES[channels], size)
         if images is None:
             images, size = np.empty((len(files), *image.shape), np.uint8), image.shape[1::-1]
         images[i] = image
+        if stored in GREY_MODES and channels > 1:
+            grey.append(file)
+    if grey:  # decoded as colour images whose channels are all the grey level: said, not silent
+        warnings.warn(f"{path}: {len(grey)} of {len(files)} images are grey ({grey[0].name}"
+                      f"{', …' if len(grey) > 1 else ''}), decoded as {PIL_MODES[channels]} with the grey level "
+                      "in every channel", stacklevel=4)
     return images
 
 

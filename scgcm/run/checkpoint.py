@@ -12,6 +12,11 @@ moves the unreadable ones aside to `latest/corrupt-<step>/`, which orbax ignores
 without the file (written by an older version, or a kill between the save and the checksums) is
 restored unverified.
 
+`SCGCM_FAULT_KILL_AT=<folder>:<step>:<point>` (for tests) ends the process as kill -9 would
+(`os._exit(137)`, nothing flushed or closed) when the save of `<folder>/<step>` (e.g. `phema:8`)
+reaches `<point>`: `begin` (nothing written yet), `written` (orbax's folder renamed into place, no
+checksums yet) or `done` (checksums written).
+
 The state is stored as a flat {key path: array} dict (typed PRNG keys as their raw uint32 data)
 and restored into the leaves of a skeleton made with `eqx.filter_eval_shape`. Run counters that are
 not part of the state (`skipped_total`) are stored beside it as `@<name>` int64 scalars.
@@ -38,6 +43,14 @@ log = logging.getLogger(__name__)
 
 CHECKSUMS = "scgcm_checksums.json"
 COUNTER = "@"  # prefix of the flat keys of run counters stored beside the state
+FAULT_KILL_AT = "SCGCM_FAULT_KILL_AT"
+FAULT_POINTS = ("begin", "written", "done")
+
+
+def fault_point(folder: str, step: int, point: str) -> None:
+    """The kill -9 of fault injection: `os._exit(137)` if $SCGCM_FAULT_KILL_AT names this point of a save."""
+    if os.environ.get(FAULT_KILL_AT) == f"{folder}:{step}:{point}":
+        os._exit(137)
 
 
 class UnreadableCheckpoint(Exception):
@@ -214,7 +227,13 @@ class Checkpointer:
         self.directory = Path(directory)
         self.read_only = read_only
         self.latest = _manager(self.directory / "latest", keep, read_only=read_only)
-        self.best = {mode: _manager(self.directory / f"best_{mode}", 1, best=True) for mode in best_modes}
+        self.best: dict[str, ocp.CheckpointManager] = {}
+        try:
+            for mode in best_modes:
+                self.best[mode] = _manager(self.directory / f"best_{mode}", 1, best=True)
+        except BaseException:
+            self.close()
+            raise
         self.counters: dict[str, int] = {}
         """The run counters stored with the checkpoint last restored (e.g. skipped_total); {} if none."""
 
@@ -224,9 +243,12 @@ class Checkpointer:
         flat.update({COUNTER + k: np.asarray(v, np.int64) for k, v in (counters or {}).items()})
         quiet, absl = _NoSpaceFilter(), logging.getLogger("absl")
         absl.addFilter(quiet)
+        folder_name = Path(manager.directory).name
         try:
+            fault_point(folder_name, step, "begin")
             manager.save(step, args=ocp.args.StandardSave(flat), metrics=metrics, force=True)
             manager.wait_until_finished()
+            fault_point(folder_name, step, "written")
             step_dir = self.step_dir(step, manager)
             if jax.process_index() == 0 and step_dir.is_dir():  # a best manager may not keep a worse step
                 try:
@@ -234,6 +256,7 @@ class Checkpointer:
                 except FileNotFoundError:
                     if step_dir.is_dir():  # not a step the manager just dropped
                         raise
+            fault_point(folder_name, step, "done")
         except Exception as e:
             if not _is_no_space(e):
                 raise
@@ -274,9 +297,10 @@ class Checkpointer:
             manager.delete(step)
         self._save(manager, step, tree, None)
 
-    def restore_phema(self, skeleton: PyTree, step: int) -> PyTree:
-        """The power-EMA snapshot of `step` (saved with `save_named("phema", step, state.phema)`)."""
-        return self.restore(skeleton, step=step, which="phema")[0]
+    def restore_phema(self, skeleton: PyTree, step: int, flag: str = "snapshot") -> PyTree:
+        """The power-EMA snapshot of `step` (saved with `save_named("phema", step, state.phema)`); a missing
+        or unreadable one is a UserError naming `flag`."""
+        return self.restore(skeleton, step=step, which="phema", flag=flag)[0]
 
     def save_best(self, mode: str, step: int, state: PyTree, fid: float) -> None:
         self._save(self._manager_for(mode), step, state, None, metrics={"fid": float(fid)})
@@ -314,17 +338,17 @@ class Checkpointer:
             raise UnreadableCheckpoint(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
 
     def restore(self, skeleton: PyTree, step: int | None = None, which: str = "latest", *,
-                move_aside: bool = False) -> tuple[PyTree, int] | None:
+                move_aside: bool = False, flag: str = "--checkpoint") -> tuple[PyTree, int] | None:
         """Restore `step` (or the newest readable one) into the skeleton; None if there is none.
 
-        A given `step` that is missing or unreadable is a UserError (listing the steps there are).
+        A given `step` that is missing or unreadable is a UserError naming `flag` (listing the steps there are).
         Otherwise each unreadable checkpoint gets one warning line and the one before is tried; with
         `move_aside` the unreadable ones newer than the one restored go to `<which>/corrupt-<step>`.
         If checkpoints exist but none is readable: NoReadableCheckpoint (nothing is moved)."""
         manager = self._manager_for(which)
         available = sorted(manager.all_steps(), reverse=True)
         if step is not None and step not in available:
-            raise UserError(f"--checkpoint {step}: no such step in {manager.directory} "
+            raise UserError(f"{flag} {step}: no such step in {manager.directory} "
                             f"(available: {', '.join(map(str, sorted(available))) or 'none'})")
         unreadable: list[tuple[int, str]] = []
         for s in [step] if step is not None else available:
@@ -332,7 +356,7 @@ class Checkpointer:
                 state, self.counters = self._read(manager, s, skeleton)
             except UnreadableCheckpoint as e:
                 if step is not None:
-                    raise UserError(f"--checkpoint {step}: {self.step_dir(s, manager)} is unreadable ({e})") from None
+                    raise UserError(f"{flag} {step}: {self.step_dir(s, manager)} is unreadable ({e})") from None
                 unreadable.append((s, str(e)))
                 if not move_aside:
                     log.warning("checkpoint %s is unreadable (%s); trying an earlier one", self.step_dir(s, manager), e)
@@ -365,6 +389,22 @@ class Checkpointer:
         return target
 
     def close(self) -> None:
-        self.latest.close()
-        for m in self.best.values():
+        """Close every manager, after its start-up clean-up of temporary folders has ended: orbax runs that
+        in a thread and its `close` does not wait for it, so an exit right after (an error message) could
+        end in its traceback ("cannot schedule new futures after interpreter shutdown"). Safe to call twice."""
+        for m in (self.latest, *self.best.values()):
+            _await_cleanup(m)
             m.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _await_cleanup(manager: ocp.CheckpointManager) -> None:
+    """Wait for the manager's start-up clean-up of temporary folders (orbax's own save waits for it; close does not)."""
+    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait is not None:
+        wait()

@@ -6,6 +6,7 @@ builds them.
 import dataclasses
 import functools
 import json
+import math
 import typing
 from pathlib import Path
 
@@ -57,20 +58,44 @@ def state_skeleton(cfg: TrainConfig) -> TrainState:
     return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
 
 
+def phema_checkpoint_name(sigma_rel: float) -> str:
+    """The checkpoint folder (and `--checkpoint`) of a σ_rel reconstructed by `python -m scgcm.phema`:
+    three decimals when they are the number exactly ('phema_0.080' for 0.08), else the shortest digits that
+    are ('phema_0.0801', 'phema_0.0001'): one name per σ_rel, and one σ_rel per name."""
+    value = float(sigma_rel)
+    short = f"{value:.3f}"
+    return f"phema_{short if float(short) == value else repr(value)}"
+
+
+def _phema_value(checkpoint: str) -> float | None:
+    try:
+        value = float(checkpoint.removeprefix("phema_"))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def check_checkpoint_name(checkpoint: str) -> None:
     """The one rule for `--checkpoint` of every CLI: 'latest', 'best' (of the sampled mode), 'best_<mode>',
-    'phema_<σ_rel>' (`python -m scgcm.phema`) or a step number; else a one-line UserError."""
-    if not (checkpoint.isdigit() or checkpoint in ("latest", "best") or checkpoint.startswith(("best_", "phema_"))):
+    'phema_<σ_rel>' (`python -m scgcm.phema`; any spelling of the number) or a step number; else a
+    one-line UserError."""
+    phema = checkpoint.startswith("phema_") and _phema_value(checkpoint) is not None
+    if not (checkpoint.isdigit() or checkpoint in ("latest", "best") or checkpoint.startswith("best_") or phema):
         raise UserError(f"--checkpoint must be 'latest', 'best', 'best_<mode>', 'phema_<σ_rel>' or a step, "
                         f"not {checkpoint!r}")
 
 
+def canonical_checkpoint_name(checkpoint: str) -> str:
+    """`check_checkpoint_name`, then the folder's spelling of a phema name ('phema_0.08' → 'phema_0.080')."""
+    check_checkpoint_name(checkpoint)
+    return phema_checkpoint_name(_phema_value(checkpoint)) if checkpoint.startswith("phema_") else checkpoint
+
+
 def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode: str = "onestep") -> tuple[TrainState, int]:
     """The state and step of a run's checkpoint (`check_checkpoint_name`); 'best' is that of `mode`."""
-    check_checkpoint_name(checkpoint)
+    checkpoint = canonical_checkpoint_name(checkpoint)
     skeleton = state_skeleton(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
+    with Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:  # closed on every path, errors included
         if checkpoint.isdigit():
             restored = ckpt.restore(skeleton, step=int(checkpoint))
         elif checkpoint.startswith("phema_"):
@@ -80,8 +105,6 @@ def load_state(workdir: Path, cfg: TrainConfig, checkpoint: str = "latest", mode
             restored = ckpt.restore(skeleton, which=which)
         else:
             restored = ckpt.restore(skeleton)
-    finally:
-        ckpt.close()
     if restored is None:
         raise UserError(f"--checkpoint {checkpoint}: no such checkpoint in {workdir / 'checkpoints'}")
     return restored

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -81,14 +82,19 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
     for the whole call; a fatal error (a UserError or any other exception) is also written to log.txt."""
     launched = time.perf_counter()
     workdir = Path(cfg.workdir)
+    # A new run directory is made only once its data has loaded: data that fails leaves nothing behind. An
+    # existing one is resumed in the usual order (an unreadable checkpoint stops it before the data is read).
+    images, early_warnings = _load_before_the_run_directory(cfg) if is_new_run_directory(workdir) else (None, [])
     workdir.mkdir(parents=True, exist_ok=True)
     lock = log = None
     try:
         lock = RunLock(workdir) if jax.process_index() == 0 else None  # one trainer per run directory
         log = setup_logging(workdir, jax.process_index())  # log.txt: process 0's
+        for w in early_warnings:  # the data's warnings (a dataset fall-back) go to the run's log as usual
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if lock is not None and getattr(lock, "stale", ""):
             log.info("%s was left by a trainer that ended without releasing it (%s)", lock.path, lock.stale)
-        return _train(cfg, workdir, log, launched, extractor)
+        return _train(cfg, workdir, log, launched, extractor, images)
     except UserError as e:
         log_to_file(workdir, str(e))  # the CLI prints it on stderr
         raise
@@ -100,6 +106,28 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
             close_logging(log)
         if lock is not None:
             lock.release()
+
+
+def _load_before_the_run_directory(cfg: TrainConfig) -> tuple[np.ndarray, list[warnings.WarningMessage]]:
+    """The training images and the warnings loading them gave, kept for the run's log (made after); if
+    the data fails, those warnings are shown at once, before the error."""
+    images = error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            images = load_training_images(cfg)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the warnings)
+            error = e
+    if error is not None:
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        raise error
+    return images, list(caught)
+
+
+def is_new_run_directory(workdir: Path) -> bool:
+    """Whether `workdir` is yet to be made: it does not exist, or is an empty folder."""
+    return not workdir.exists() or (workdir.is_dir() and not any(workdir.iterdir()))
 
 
 def check_resume(cfg: TrainConfig, workdir: Path) -> None:
@@ -126,10 +154,8 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
 
 
 def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
-           extractor: fid_lib.FeatureExtractor | None) -> int:
+           extractor: fid_lib.FeatureExtractor | None, images: np.ndarray | None) -> int:
     check_resume(cfg, workdir)
-    if jax.process_index() == 0:
-        write_config(workdir, cfg)
     cache = use_compile_cache(cfg.compile_cache)
     log.info("XLA compilation cache: %s", cache or "off")
     n = cfg.steps_per_call
@@ -154,9 +180,30 @@ def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
         if restored is not None and restored[1] % n:
             raise UserError(f"--config.steps-per-call {n}: the run resumes at step {restored[1]}, which is not a "
                             "multiple of it; use the steps-per-call the run was started with")
-        return training_loop(cfg, workdir, log, launched, extractor, optim, ckpt, restored)
+        if restored is not None and cfg.phema:
+            write_missing_snapshots(ckpt, skeleton, restored, log)
+        return training_loop(cfg, workdir, log, launched, extractor, optim, ckpt, restored, images)
     finally:
         ckpt.close()
+
+
+def write_missing_snapshots(ckpt: Checkpointer, skeleton: TrainState, restored: tuple[TrainState, int], log) -> None:
+    """A kept checkpoint without its post-hoc EMA snapshot (written by a version that saved the snapshot after
+    the checkpoint, and killed between the two) gets it now, from its own state: the snapshots are those of
+    the uninterrupted run. One warning line per snapshot written, and per checkpoint too damaged to give one."""
+    state, step = restored
+    counters = dict(ckpt.counters)  # restoring another step below replaces them
+    snapshots = set(ckpt.steps("phema"))
+    for s in [s for s in ckpt.steps() if s <= step and s not in snapshots]:
+        try:
+            phema = state.phema if s == step else ckpt.restore(skeleton, step=s)[0].phema
+        except UserError as e:
+            log.warning("checkpoint %d has no post-hoc EMA snapshot and can't give it (%s); the fits of "
+                        "scgcm.phema will go without step %d", s, e, s)
+            continue
+        ckpt.save_named("phema", s, phema)
+        log.warning("checkpoint %d had no post-hoc EMA snapshot (a kill between the two?): written from it", s)
+    ckpt.counters = counters
 
 
 def _initial_state(cfg: TrainConfig, optim, ckpt: Checkpointer, restored, log) -> tuple[TrainState, int, int]:
@@ -241,10 +288,12 @@ class Outputs:
         modes and count when `final`), then the best per mode."""
         scores = self.evaluate_fid(state, at, final) if with_fid and self.evaluator is not None else {}
         processes, per_process = distributed.layout()  # recorded, so that a resume on another layout says so
+        if state.phema is not None and (at not in self.ckpt.steps() or at not in self.ckpt.steps("phema")):
+            # The post-hoc EMA snapshot (all kept) before the checkpoint: a latest checkpoint implies its snapshot.
+            # A snapshot without its checkpoint (a kill between the two) is replaced by the same arrays.
+            self.ckpt.save_named("phema", at, state.phema)
         self.ckpt.save(at, state, counters={"skipped_total": skipped_total, "process_count": processes,
                                             "devices_per_process": per_process})
-        if state.phema is not None and at not in self.ckpt.steps("phema"):  # snapshots for post-hoc EMA, all kept
-            self.ckpt.save_named("phema", at, state.phema)
         self.log.info("checkpoint saved at step %d", at)
         comparable = not final or (self.evaluator is not None and self.final_evaluator.num == self.evaluator.num)
         for mode, value in scores.items():  # a final FID of another count is not comparable: FID depends on N
@@ -288,9 +337,11 @@ def _check_finite(cfg: TrainConfig, metrics: dict[str, np.ndarray], step: int, c
 
 
 def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched: float, extractor, optim,
-                  ckpt: Checkpointer, restored) -> int:
-    # Load dataset.
-    images = load_training_images(cfg)
+                  ckpt: Checkpointer, restored, images: np.ndarray | None = None) -> int:
+    # Load dataset (a new run directory's is loaded before the directory is made).
+    images = load_training_images(cfg) if images is None else images
+    if jax.process_index() == 0:  # this start's configuration, once its data has loaded
+        write_config(workdir, cfg)
     log.info("data: %d images of %s from %s", len(images), images.shape[1:], cfg.data.source or "Hugging Face cifar10")
 
     # Construct network and state, or resume.

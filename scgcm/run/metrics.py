@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 from scgcm.eval.fid import fid_label
@@ -17,19 +18,42 @@ NUM_KEY = "num_fid_samples"
 """metrics.jsonl key of the number of samples behind the FIDs of a record (not a mode)."""
 
 
-def _records(metrics_jsonl: str | Path) -> list[dict]:
-    """The complete records of metrics.jsonl (a line being written by training, or torn, is skipped)."""
+def parse_record(line: str) -> tuple[dict | None, str]:
+    """(record, "") for a complete metrics.jsonl line: a JSON object whose "step" is an integer ≥ 0 and
+    whose other values are numbers or null, as training and the sweep write them; else (None, why)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None, "not a complete JSON record (torn by a crash?)"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not a record"
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return None, f"its step is {json.dumps(step)}, not a whole number ≥ 0"
+    for key, value in record.items():
+        if key != "step" and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return None, f"its {key!r} is {json.dumps(value)[:30]}, not a number or null"
+    return record, ""
+
+
+def read_records(metrics_jsonl: str | Path, *, warn: bool = True) -> list[dict]:
+    """The records of metrics.jsonl, the one reader of every tool (report, sweep, fid.png, a resumed training).
+    A line that is not a record (`parse_record`: torn, or with values of the wrong type) is skipped with one
+    warning naming its line number; an unfinished last line (no newline yet: being written) silently."""
     path = Path(metrics_jsonl)
-    if not path.exists():
+    if not path.is_file():
         return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        record, why = parse_record(line)
+        if record is not None:
             records.append(record)
+        elif warn and not (number == len(lines) and not text.endswith("\n") and why.startswith("not a complete")):
+            warnings.warn(f"{path}: line {number} skipped, {why}: {line[:60]}", stacklevel=2)
     return records
 
 
@@ -41,7 +65,7 @@ def read_evaluations(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, dic
     """{mode: [(step, {"fid": …, "precision": …, "recall": …, "num": …}), …]} of the evaluations in
     metrics.jsonl (records with a finite `fid_<mode>`; `num` from `num_fid_samples` when logged)."""
     series: dict[str, list[tuple[int, dict[str, float]]]] = {}
-    for record in _records(metrics_jsonl):
+    for record in read_records(metrics_jsonl):
         for mode in _modes(record):
             v = record[f"fid_{mode}"]
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
@@ -56,7 +80,7 @@ def read_evaluations(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, dic
 
 def evaluated_steps(metrics_jsonl: str | Path, modes: tuple[str, ...]) -> set[int]:
     """Steps with a logged FID (an undefined one, null, included) for every one of `modes`."""
-    per_mode = [{r["step"] for r in _records(metrics_jsonl) if f"fid_{mode}" in r} for mode in modes]
+    per_mode = [{r["step"] for r in read_records(metrics_jsonl) if f"fid_{mode}" in r} for mode in modes]
     return set.intersection(*per_mode) if per_mode else set()
 
 

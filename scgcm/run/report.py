@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from scgcm.errors import UserError
 from scgcm.eval.plot import figure
+from scgcm.run.metrics import read_records
 
 # (metric key, title, log scale)
 CURVES = (
@@ -63,13 +64,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     metrics = path / "metrics.jsonl"
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory")
-    lines = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written, or torn by a crash
+    lines = read_records(metrics)  # a line being written, torn or of the wrong types is skipped (with a warning)
     if not lines:
         raise UserError(f"{path}: no metrics.jsonl with any logged interval "
                         "(not a scgcm.train run directory, or nothing logged yet)")
@@ -256,9 +251,28 @@ def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Pa
     return path
 
 
+def is_run_directory(folder: Path) -> bool:
+    """A folder scgcm.train writes: metrics.jsonl, or config.json beside checkpoints/ or trainer.lock."""
+    return (folder / "metrics.jsonl").is_file() or (
+        (folder / "config.json").is_file() and ((folder / "checkpoints").is_dir() or (folder / "trainer.lock").exists()))
+
+
+def check_out(out: Path, runs: list[str | Path] = ()) -> None:
+    """A UserError if `out` is, or lies inside, a run directory (one of `runs` or any other): the report's
+    files would mix with the run's."""
+    where = Path(out).resolve()
+    listed = {Path(r).resolve() for r in runs}
+    for folder in (where, *where.parents):
+        if folder in listed or is_run_directory(folder):
+            raise UserError(f"--out {out}: inside the run directory {folder}; write the report elsewhere "
+                            "(e.g. --out report beside the runs)")
+
+
 def report(paths: list[str | Path], out: str | Path, *, names: list[str] | None = None,
            spike_factor: float = 3.0, spike_window: int = 10) -> Path:
-    """Write the plots, grids and report.md for `paths` into `out`; returns report.md's path."""
+    """Write the plots, grids and report.md for `paths` into `out` (not inside a run directory); returns
+    report.md's path."""
+    check_out(Path(out), paths)
     runs = [load_run(p, n) for p, n in zip(paths, names or [None] * len(paths))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from scgcm.errors import UserError
+from scgcm.run.metrics import parse_record, read_records
 
 log = logging.getLogger(__name__)
 
@@ -300,24 +301,20 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = []
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                record_step = json.loads(line)["step"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: dropping line %d, which is not a complete record (torn by a crash?): %.60s",
-                            self.path, number, line)
+            record, why = parse_record(line)  # the rule of every reader (run.metrics.read_records)
+            if record is None:
+                log.warning("%s: dropping line %d, %s: %.60s", self.path, number, why, line)
                 continue
-            if record_step <= step:
+            if record["step"] <= step:
                 keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def last(self, key: str, default=None):
         """The last value of `key` in the file (e.g. elapsed_s, to continue it after a resume)."""
-        if not self.path.exists():
-            return default
-        values = [r[key] for r in map(json.loads, filter(str.strip, self.path.read_text().splitlines())) if key in r]
+        values = [r[key] for r in read_records(self.path, warn=False) if r.get(key) is not None]
         return values[-1] if values else default
 
     def write(self, step: int, values: dict) -> None:
