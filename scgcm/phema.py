@@ -14,7 +14,6 @@ its EMA replaced; checksummed like every checkpoint) that
 prints the FID of each σ_rel, and plots FID against σ_rel in RUN/phema_fid.png.
 """
 
-import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from scgcm.errors import UserError, run_cli
 from scgcm.eval.fid import check_sample_count, fid_label
 from scgcm.eval.plot import plot_lines
 from scgcm.eval.scores import describe_scores, flat_scores
-from scgcm.run.load import fid_extractor, load_run_config, load_state, run_evaluator
+from scgcm.run.load import load_run_config, load_state, run_evaluator, run_extractor
 from scgcm.run.posthoc import checkpoint_name, distinct_sigma_rels, reconstruct
 from scgcm.run.rundir import dumps_finite, use_compile_cache
 from scgcm.run.sweep import check_modes
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fid:  # every --fid input (and the reference) before the reconstruction
         check_modes(args.modes)
         check_sample_count(args.num, "--num", warn=False)  # FIDEvaluator warns below MIN_SAMPLES
-        extractor = functools.cache(lambda: fid_extractor(args.batch_size))
+        extractor = run_extractor(cfg, args.batch_size)
         evaluator, ref_name = run_evaluator(cfg, extractor, modes=args.modes, num=args.num,
                                                    batch_size=args.batch_size, seed=args.seed,
                                                    fid_ref=args.fid_ref or cfg.fid.ref)

@@ -15,7 +15,6 @@ DIR/samples/two_step_sigma_<step>.json and a plot of FID against σ beside it.
 `--checkpoint phema_0.080` samples an EMA reconstructed by `python -m scgcm.phema`.
 """
 
-import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from scgcm.parallel import distributed as distributed_lib
 from scgcm.parallel.generate import Mode, generate
 from scgcm.parallel.mesh import make_mesh, replicate
 from scgcm.run.config import TrainConfig
-from scgcm.run.load import fid_extractor, load_run_config, load_state, run_reference, run_sampler
+from scgcm.run.load import load_run_config, load_state, run_extractor, run_reference, run_sampler
 from scgcm.run.rundir import dumps_finite, save_grid, use_compile_cache
 
 
@@ -172,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                                init_timeout=args.distributed_timeout)
     state, step = load_state(workdir, cfg, args.checkpoint, args.mode)  # a missing step stops us before any network
     if args.fid or args.search_two_step_sigma:  # the reference before sampling: a missing file or dataset stops us first
-        extractor = functools.cache(lambda: fid_extractor(args.batch_size))  # built only when features are needed
+        extractor = run_extractor(cfg, args.batch_size)  # Inception: built only when features are needed
         ref_stats, ref_features, ref_name = reference(args, cfg, extractor)
-        scorer = lambda images: image_scores(images, ref_stats, extractor(), ref_features)  # noqa: E731
+        scorer = lambda images: image_scores(images, ref_stats, fid.resolve(extractor), ref_features)
     model = state.ema if args.ema else state.model
     mesh = None  # one process: all its devices
     if jax.process_count() > 1:  # every process's devices, the weights replicated on all of them

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from scgcm.data import digits
 from scgcm.data.images import GREY_MODES, ImageArrayError, as_nhwc_uint8, read_image_file_and_mode, read_npz
 from scgcm.errors import UserError
 
@@ -55,11 +56,20 @@ def load_images(
         if text in ("", "cifar10") or text.startswith("hf:"):
             hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
             images, name = _from_hub(hub_name, split, decode), f"hf:{hub_name}"
+        elif text == "digits":
+            images, name = _from_digits(split), "digits"
         else:
             images, name = _from_path(Path(text).expanduser(), split, image_size, decode), text
         return as_nhwc_uint8(images, image_size=image_size, channels=channels, name=name)
     except (DataError, ImageArrayError) as e:
         raise DataError(str(e).replace(SOURCE_FLAG, flag)) from None
+
+
+def _from_digits(split: str) -> np.ndarray:
+    try:
+        return digits.load_digits(split)[0]
+    except ValueError as e:
+        raise DataError(f"{SOURCE_FLAG} digits: {e} (--config.data.split)") from None
 
 
 HUB_ADDRESS = ("huggingface.co", 443)
@@ -289,6 +299,9 @@ def source_fingerprint(source: str | os.PathLike | None, *, split: str = "train"
         if text in ("", "cifar10") or text.startswith("hf:"):
             hub_name = text[3:] if text.startswith("hf:") else HF_CIFAR10
             return f"hf:{hub_name}:{split}:{_hub_dataset(hub_name, split)._fingerprint}"
+        if text == "digits":
+            _from_digits(split)  # a bad split is refused here as there
+            return digits.fingerprint(split)
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"data source {str(path)!r} does not exist; " + SOURCE_HELP)

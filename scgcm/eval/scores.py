@@ -65,10 +65,13 @@ def image_scores(images: np.ndarray, ref_stats: fid.Stats, extractor: fid.Featur
                  ref_features: np.ndarray | None = None, name: str = "samples") -> Scores:
     """`fid.feature_scores` of uint8 NHWC images (1 or 3 channels); an undefined FID is NaN, with a warning."""
     try:
-        return feature_scores(extractor.features(rgb(images)), ref_stats, ref_features)
+        scores = feature_scores(extractor.features(rgb(images)), ref_stats, ref_features)
     except ValueError as e:
         log.warning("FID of %s is undefined (%s)", name, e)
-        return {"fid": float("nan")}
+        scores = {"fid": float("nan")}
+    if hasattr(extractor, "image_scores"):  # a network with scores of its own (the digits classifier)
+        scores.update(extractor.image_scores(images))
+    return scores
 
 
 def flat_scores(results: Mapping[str, Scores]) -> dict[str, float]:

@@ -159,6 +159,9 @@ class FIDConfig:
     """Samples per mode of the evaluation at the end of training (None: `num`)."""
     final_modes: tuple[FIDMode, ...] | None = None
     """Modes evaluated at the end of training (None: `modes`)."""
+    network: Literal["auto", "inception", "digits"] = "auto"
+    """Feature network of the FID: the standard Inception, or the digits classifier (`scgcm.eval.digits`: its
+    Fréchet distance, confident share, classes, memorisation); 'auto': digits for --config.data.source digits."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from scgcm.core.state import TrainState, init_state, make_optimizer
 from scgcm.errors import UserError
-from scgcm.eval import fid, inception
+from scgcm.eval import digits as digits_net, fid, inception
 from scgcm.eval.scores import FIDEvaluator, data_reference
 from scgcm.parallel.generate import make_sampler
 from scgcm.run.checkpoint import Checkpointer
@@ -143,6 +143,23 @@ def fid_extractor(batch_size: int, *, progress: bool = True) -> fid.FeatureExtra
     """The standard Inception network, at most `batch_size` images at a time (and the backend's default)."""
     return fid.FeatureExtractor(inception.load_inception(), batch_size=min(batch_size, fid.default_batch_size()),
                                 progress=progress)
+
+
+def run_network(cfg: TrainConfig) -> str:
+    """'inception' or 'digits': the run's `--config.fid.network`, 'auto' resolved by its data."""
+    if cfg.fid.network != "auto":
+        return cfg.fid.network
+    return "digits" if cfg.data.source == "digits" else "inception"
+
+
+def run_extractor(cfg: TrainConfig, batch_size: int, *, progress: bool = True, lazy: bool = True) -> fid.Extractor:
+    """The run's feature network: the digits classifier (small: built now, it names the reference cache), or
+    Inception at most `batch_size` images at a time, built only when features are needed if `lazy`."""
+    if run_network(cfg) == "digits":
+        return digits_net.load_network()
+    if lazy:
+        return functools.cache(lambda: fid_extractor(batch_size, progress=progress))
+    return fid_extractor(batch_size, progress=progress)
 
 
 def run_evaluator(cfg: TrainConfig, extractor: fid.Extractor, *, modes: tuple[str, ...], num: int, batch_size: int,

@@ -36,7 +36,7 @@ from scgcm.parallel.train_fn import make_train_fn
 from scgcm.run import accelerator
 from scgcm.run.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.run.config import TrainConfig, build_loss, build_schedule, build_state
-from scgcm.run.load import fid_extractor, run_reference, run_sampler
+from scgcm.run.load import run_extractor, run_reference, run_sampler
 from scgcm.run.metrics import NUM_KEY, plot_fid
 from scgcm.run.rundir import (
     MetricsLog,
@@ -236,7 +236,7 @@ def _evaluators(cfg: TrainConfig, extractor, samplers, mesh) -> tuple[FIDEvaluat
     reference: `--config.fid.ref`, else the run's data."""
     if not cfg.fid.enabled:
         return None, None
-    extractor = extractor or fid_extractor(cfg.fid.batch_size, progress=False)  # at most 32 images at a time on a CPU
+    extractor = extractor or run_extractor(cfg, cfg.fid.batch_size, progress=False, lazy=False)  # ≤ 32 a time on CPU
     ref_stats, ref_features, _ = run_reference(cfg, extractor, cfg.fid.ref, ref_flag="--config.fid.ref")
 
     def evaluator(modes, num) -> FIDEvaluator:

@@ -3,7 +3,6 @@
 It only reads the checkpoints, so it can run beside training on another device.
 """
 
-import functools
 from pathlib import Path
 
 from scgcm.errors import UserError
@@ -11,7 +10,7 @@ from scgcm.eval import fid
 from scgcm.eval.scores import describe_scores, flat_scores
 from scgcm.parallel.generate import MODES
 from scgcm.run.checkpoint import Checkpointer
-from scgcm.run.load import fid_extractor, load_run_config, run_evaluator, state_skeleton
+from scgcm.run.load import load_run_config, run_evaluator, run_extractor, state_skeleton
 from scgcm.run.metrics import NUM_KEY, evaluated_steps, plot_fid
 from scgcm.run.rundir import append_record
 
@@ -54,7 +53,7 @@ def sweep(workdir: Path, *, modes: tuple[str, ...] | None = None, num: int | Non
     if not pending:
         print(f"{workdir}: every saved checkpoint has a FID of {', '.join(modes)}")
         return []
-    extractor = extractor or functools.cache(lambda: fid_extractor(batch_size))
+    extractor = extractor or run_extractor(cfg, batch_size)
     evaluator, ref_name = run_evaluator(cfg, extractor, modes=modes, num=num, batch_size=batch_size, seed=seed,
                                         fid_ref=fid_ref or cfg.fid.ref)
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
