@@ -11,6 +11,8 @@ config.yaml in the experiment folder. Only flax's TrainState class is replaced b
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -21,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import yaml
-from cli import TINY_ARGS, run_train
+from cli import TINY_ARGS, run_train, train_env
 from tiny import MICRO_ATTN_MODEL
 
 from scgcm.convert import main as convert_main
@@ -30,6 +32,7 @@ from scgcm.nn.original_names import expected_params, model_paths, original_table
 from scgcm.run.config import TrainConfig, build_model
 from scgcm.run.load import load_run_config, load_state
 
+REPO = Path(__file__).resolve().parents[1]
 TREE = json.loads((Path(__file__).parent.parent / "experiments" / "original_tree.json").read_text())
 
 
@@ -210,24 +213,38 @@ def _arg(name: str) -> str:
     return TINY_ARGS[TINY_ARGS.index(name) + 1]
 
 
+def _python(*argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """A fresh interpreter. The steps of this test that go through tyro (which reads class sources with
+    `ast.parse`) run apart from the test process: in a long pytest-xdist worker, CPython 3.11.7's AST
+    recursion-depth bookkeeping was seen corrupted ("SystemError: AST constructor recursion depth
+    mismatch", twice in the full suite, never alone), which breaks every later `ast.parse` there."""
+    return subprocess.run([sys.executable, *map(str, argv)], env={**train_env(), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent)
+
+
 def test_sample_and_resume_from_a_converted_run(tmp_path):
     """The micro model of tests/cli.py's tiny training run, converted at update 4, samples through scgcm.sample
     and resumes through scgcm.train (the same flags as the tiny run) for the remaining 4 updates."""
     from scgcm.run.config import SMOKE
-    from scgcm.sample import main as sample_main
-    from scgcm.train import parse
 
-    cfg = parse(TINY_ARGS)  # the run the converted one must be, field for field
+    parsed = _python("-c", "import dataclasses, json; from cli import TINY_ARGS; from scgcm.train import parse; "
+                           "print(json.dumps({'config': dataclasses.asdict(parse(TINY_ARGS))}))")
+    assert parsed.returncode == 0, parsed.stderr[-2000:]
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(parsed.stdout)
+    cfg = load_run_config(tmp_path / "tiny")  # the run the converted one must be, field for field
     assert cfg.model.head.attn_levels == () and cfg.ict.s1 == SMOKE.ict.s1
     exp = tmp_path / "orig"
     write_original(exp, cfg.model, step=4, step_total=cfg.total_steps, batch=cfg.batch_size, lr=cfg.optim.torso_lr,
                    ema=cfg.optim.ema_decay, s1=cfg.ict.s1, jitted=cfg.steps_per_call, saving=cfg.saving_step)
     run = tmp_path / "run"
     data = ["--config.data.source", "synthetic", "--config.data.synthetic-size", _arg("--config.data.synthetic-size")]
-    assert convert(exp, "--workdir", run, *data) == 0
+    converted = _python("-m", "scgcm.convert", exp, "--workdir", run, *data)
+    assert converted.returncode == 0, converted.stderr[-2000:]
 
     out = tmp_path / "s.npz"
-    assert sample_main(["--workdir", str(run), "--out", str(out), "--num", "4", "--batch-size", "8"]) == 0
+    sampled = _python("-m", "scgcm.sample", "--workdir", run, "--out", out, "--num", "4", "--batch-size", "8")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
     images = np.load(out)["images"]
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
 
