@@ -40,10 +40,15 @@ def test_source_loads_through_the_image_rule():
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory):
+def digits_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("digits-cache")
+
+
+@pytest.fixture(scope="module")
+def network(digits_cache):
     from scgcm.eval.digits import load_network
 
-    return load_network(tmp_path_factory.mktemp("digits-cache"))
+    return load_network(digits_cache)
 
 
 def test_classifier_is_accurate_deterministic_and_cached(network, tmp_path_factory):
@@ -87,3 +92,48 @@ def test_the_evaluator_scores_with_the_digits_network(network, tmp_path):
     assert real["fid"] < fake["fid"] / 5 and {"precision", "recall", "confident", "classes", "memorised"} <= set(real)
     assert set(flat_scores({"onestep": real})) >= {"fid_onestep", "confident_onestep", "classes_onestep"}
     assert list(tmp_path.glob("*.npz"))  # the reference is cached by content, keyed by the network
+
+
+def test_fid_cli_measures_digits_with_the_classifier(network, digits_cache, tmp_path, monkeypatch, capsys):
+    """`scgcm.fid ref/calc` choose the digits network for digits (auto) and print its scores; a reference
+    of other features is refused in one line; the few-samples warning names the classifier's 64 dimensions."""
+    from scgcm import fid as fid_cli
+    from scgcm.errors import UserError
+    from scgcm.eval.fid import few_samples_message
+    from scgcm.eval.statcache import save_statistics
+
+    monkeypatch.setenv("SCGCM_CACHE", str(digits_cache))  # the classifier trained once by the fixture
+    ref = tmp_path / "ref.npz"
+    assert fid_cli.main(["ref", "--source", "digits", "--out", str(ref)]) == 0
+    held_out, _ = digits.load_digits("test")
+    noise = np.random.default_rng(2).integers(0, 256, (360, 8, 8, 1), dtype=np.uint8)
+    values = {}
+    for name, images in (("real", held_out), ("noise", noise)):
+        np.savez(tmp_path / f"{name}.npz", images=images)
+        capsys.readouterr()
+        assert fid_cli.main(["calc", str(tmp_path / f"{name}.npz"), "--ref", str(ref)]) == 0
+        out, err = capsys.readouterr()
+        values[name] = float(out.strip())
+        assert "digits Fréchet distance (360 samples)" in err and "classes" in err and "FID" not in err
+    assert values["real"] < values["noise"] / 5
+    assert "confident" in err
+    bad_ref = tmp_path / "inception-like.npz"
+    save_statistics(bad_ref, np.zeros(128), np.eye(128))
+    with pytest.raises(UserError, match="128-dimensional features, but the digits network's have 64"):
+        fid_cli.main(["calc", str(tmp_path / "real.npz"), "--ref", str(bad_ref)])
+    assert fid_cli.chosen_network("auto", None, held_out) == "digits"
+    assert fid_cli.chosen_network("auto", None, np.zeros((2, 32, 32, 3), np.uint8)) == "inception"
+    assert "fewer than 64," in few_samples_message(10, 64) and "published" not in few_samples_message(10, 64)
+    assert "2,048" in few_samples_message(10)
+
+
+def test_the_evaluator_does_not_warn_about_inception_dimensions_for_digits(network, caplog):
+    from scgcm.eval.scores import FIDEvaluator
+
+    stats = (np.zeros(64), np.eye(64))
+    with caplog.at_level("WARNING", logger="scgcm"):
+        FIDEvaluator(stats, network, {}, num=500, batch_size=250)
+    assert not caplog.records  # 500 samples are more than the classifier's 64 feature dimensions
+    with caplog.at_level("WARNING", logger="scgcm"):
+        FIDEvaluator(stats, network, {}, num=50, batch_size=50)
+    assert "fewer than 64" in caplog.text

@@ -24,8 +24,14 @@ class TrainState(eqx.Module):
     default state (and its checkpoints) is unchanged."""
 
 
-def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformation:
-    """RAdam (optax defaults) on torso and head, each with its own rate, no clipping, no decay."""
+OPTIMIZERS = {"radam": optax.radam, "adam": optax.adam}
+"""Optax's RAdam (the method's) and Adam (no rectification: full steps from the first update)."""
+
+
+def make_optimizer(torso_lr: float, head_lr: float, name: str = "radam") -> optax.GradientTransformation:
+    """RAdam (or `name` in OPTIMIZERS; optax defaults) on torso and head, each with its own rate, no clipping,
+    no decay."""
+    opt = OPTIMIZERS[name]
 
     def labels(params: SCGCM) -> SCGCM:
         return eqx.tree_at(
@@ -34,7 +40,7 @@ def make_optimizer(torso_lr: float, head_lr: float) -> optax.GradientTransformat
             (jax.tree_util.tree_map(lambda _: "torso", params.torso), jax.tree_util.tree_map(lambda _: "head", params.head)),
         )
 
-    return optax.multi_transform({"torso": optax.radam(torso_lr), "head": optax.radam(head_lr)}, labels)
+    return optax.multi_transform({"torso": opt(torso_lr), "head": opt(head_lr)}, labels)
 
 
 def init_state(model: SCGCM, optim: optax.GradientTransformation, key: PRNGKeyArray, num_phema: int = 0) -> TrainState:

@@ -50,6 +50,8 @@ class DigitsNetwork(FeatureExtractor):
     """Features, class probabilities and digit scores of uint8 [N, 8, 8, C] images: a `FeatureExtractor`
     whose network is three numpy arrays (nothing to shard or jit)."""
 
+    feature_dim = HIDDEN
+
     def __init__(self, params: dict[str, np.ndarray]):
         self.w1, self.b1, self.w2, self.b2 = (np.asarray(params[k], np.float64) for k in ("w1", "b1", "w2", "b2"))
         self.accuracy = float(params["accuracy"])

@@ -50,7 +50,10 @@ def check_sample_count(n: int, name: str, *, warn: bool = True) -> int:
     return n
 
 
-def few_samples_message(n: int) -> str:
+def few_samples_message(n: int, dim: int = MIN_SAMPLES) -> str:
+    """The warning for a distance of `n` images on `dim`-dimensional features (Inception's 2,048 by default)."""
+    if dim != MIN_SAMPLES:  # another feature network: nothing published to compare with
+        return f"Fréchet distance of {n} images (fewer than {dim:,}, the feature dimension) is biased upward"
     return (f"FID of {n} images (fewer than {MIN_SAMPLES:,}, the feature dimension) is biased upward "
             "and not comparable with published numbers (50,000 images)")
 
@@ -135,6 +138,9 @@ class FeatureExtractor:
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         self.progress = progress
         self._fn = _jitted_extract(self.batch_sharding)
+
+    feature_dim: int = MIN_SAMPLES
+    """Length of a feature vector (Inception's pool3: 2,048); fewer images give a biased distance."""
 
     def features(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)

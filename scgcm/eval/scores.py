@@ -38,8 +38,9 @@ class FIDEvaluator:
                  ref_features: np.ndarray | None = None):
         if num < 2:
             raise ValueError(f"FID needs at least 2 samples per mode, got num={num}")
-        if num < fid.MIN_SAMPLES:
-            log.warning("%s", fid.few_samples_message(num))
+        dim = getattr(extractor, "feature_dim", fid.MIN_SAMPLES)
+        if num < dim:
+            log.warning("%s", fid.few_samples_message(num, dim))
         self.ref_stats, self.extractor, self.samplers = ref_stats, extractor, dict(samplers)
         self.num, self.batch_size, self.seed, self.mesh, self.progress = num, batch_size, seed, mesh, progress
         self.ref_features = ref_features

@@ -130,7 +130,7 @@ def estimate_seconds(flops_per_update: float, flops_per_second: float) -> float:
 def lower_update(cfg, micro_batch: int, *, donate: bool = False):
     """One update of `cfg` on one device at `micro_batch` images, lowered from shapes only (nothing is
     allocated or run): the program XLA plans per device and per accumulation step."""
-    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr, cfg.optim.optimizer)
     shapes = eqx.filter_eval_shape(build_state, cfg, optim)
     leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)
     arrays, static = eqx.partition(shapes, leaf, is_leaf=leaf)

@@ -54,7 +54,7 @@ def load_run_config(workdir: Path) -> TrainConfig:
 def state_skeleton(cfg: TrainConfig) -> TrainState:
     """Shapes and dtypes of the run's TrainState (with its power-function EMAs under --config.phema);
     cached: it takes a second to trace and never changes."""
-    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr, cfg.optim.optimizer)
     return eqx.filter_eval_shape(lambda k: init_state(build_model(cfg.model, key=k), optim, k, num_phema(cfg)), jr.key(0))
 
 

@@ -52,7 +52,7 @@ from scgcm.run.rundir import (
 )
 from scgcm.run.signals import StopSignal
 
-GRID_MODES = ("onestep", "heun")
+GRID_MODES = ("onestep", "twostep", "heun")
 
 
 class NonFiniteError(RuntimeError):
@@ -161,7 +161,7 @@ def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
     n = cfg.steps_per_call
 
     # resume first (shapes only, nothing compiled), so that an unreadable run stops before any heavy work
-    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr)
+    optim = make_optimizer(cfg.optim.torso_lr, cfg.optim.head_lr, cfg.optim.optimizer)
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, best_modes=cfg.fid.modes if cfg.fid.enabled else ())
     try:
         try:
