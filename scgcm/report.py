@@ -10,6 +10,20 @@ as far as it has got; a torn last line is skipped) and writes to DIR:
     grids_<mode>.png  the sample grids of all runs side by side (columns) at matching steps (rows)
     report.md         a summary table per run, an FID table, the plots and grids
 
+Runs whose configurations are equal but for `seed` and `workdir` form a group, labelled by the fields
+that differ between groups ("variant=score, recipe=ict"). When some group has two runs or more, DIR
+also holds (unless `--no-group-seeds`):
+
+    group_<key>.png   per group the mean over seeds (line) and the min–max over seeds (band) against
+                      updates, on the steps all its runs share: each quantity above, and
+                      group_<fid|classes|confident|memorised>_<mode>.png, a line per sample count
+    report.md         + "Groups (runs that differ only in seed)": per group and metric (loss_ct,
+                      grad-norm spikes, grad_norm std; the last fid/classes/confident/memorised at
+                      the largest step every run of the group reached) mean ± sample std over seeds;
+                      for two groups that differ only in variant, score − vanilla of the means and
+                      of the stds with bootstrap 95% intervals (10,000 resamples of the seeds within
+                      each group, generator seed 0), and whether the interval of the means excludes 0
+
 A gradient-norm spike is a logged interval whose largest per-update torso gradient norm exceeds
 `--spike-factor` (default 3) times the median of the interval means of the `--spike-window`
 (default 10) intervals before it; the first window of intervals is not judged.
@@ -37,6 +51,8 @@ class Args:
     """A gradient-norm spike exceeds this many times the recent median."""
     spike_window: int = 10
     """Logged intervals the spike median is taken over."""
+    group_seeds: bool = True
+    """Group the runs that differ only in seed (and workdir): mean-over-seeds plots and statistics."""
 
 
 def main(argv: list[str]) -> int:
@@ -49,8 +65,10 @@ def main(argv: list[str]) -> int:
         names = list(args.names) if args.names else None
     if args.spike_factor <= 0 or args.spike_window < 1:
         raise UserError("--spike-factor must be positive and --spike-window at least 1")
-    path = report(list(args.runs), args.out, names=names, spike_factor=args.spike_factor, spike_window=args.spike_window)
-    print(f"wrote {path}")
+    path, groups = report(list(args.runs), args.out, names=names, spike_factor=args.spike_factor,
+                          spike_window=args.spike_window, group_seeds=args.group_seeds)
+    seeds = lambda g: f"{g.label} ×{len(g.members)}"
+    print(f"wrote {path}" + (f"; runs that differ only in seed: {'; '.join(map(seeds, groups))}" if groups else ""))
     return 0
 
 

@@ -1,12 +1,14 @@
 """Comparing training runs (the library of `python -m scgcm.report`, whose docstring describes the output):
 each run directory's metrics.jsonl, config.json and sample grids become overlaid plots, grids side by side
 and report.md. A gradient-norm spike is an interval whose largest per-update torso gradient norm exceeds
-`factor` times the median of the interval means of the `window` intervals before it."""
+`factor` times the median of the interval means of the `window` intervals before it. Runs that differ only
+in seed (`scgcm.run.groups`) also get mean-over-seeds plots and a statistics section."""
 
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,23 @@ from matplotlib import rcParams
 from PIL import Image, ImageDraw, ImageFont
 
 from scgcm.errors import UserError
-from scgcm.eval.plot import figure
+from scgcm.eval.plot import figure, save
+from scgcm.run.groups import (
+    BOOTSTRAP_SEED,
+    LEVEL,
+    RESAMPLES,
+    Group,
+    Interval,
+    bootstrap_difference,
+    common_curve,
+    group_runs,
+    mean_std,
+    pair_context,
+    seed_mean,
+    seed_std,
+    values_at_common_step,
+    variant_pairs,
+)
 from scgcm.run.metrics import read_records
 
 # (metric key, title, log scale)
@@ -47,16 +65,20 @@ class Run:
     def batch(self) -> int:
         return int(self.config.get("batch_size", 1))
 
-    def fids(self) -> dict[tuple[str, int | None], list[tuple[int, float]]]:
-        """{(mode, sample count): [(step, FID), ...]} in file order."""
+    def evaluated(self, name: str) -> dict[tuple[str, int | None], list[tuple[int, float]]]:
+        """{(mode, sample count): [(step, value), ...]} of the `<name>_<mode>` entries (fid, classes, …), in file order."""
         default_num = self.config.get("fid", {}).get("num")
         out: dict[tuple[str, int | None], list[tuple[int, float]]] = {}
         for r in self.lines:
             for k, v in r.items():
-                if k.startswith("fid_") and isinstance(v, (int, float)):
+                if k.startswith(f"{name}_") and isinstance(v, (int, float)):
                     num = r.get("num_fid_samples", default_num)
-                    out.setdefault((k[4:], None if num is None else int(num)), []).append((int(r["step"]), float(v)))
+                    out.setdefault((k[len(name) + 1:], None if num is None else int(num)), []).append((int(r["step"]), float(v)))
         return out
+
+    def fids(self) -> dict[tuple[str, int | None], list[tuple[int, float]]]:
+        """{(mode, sample count): [(step, FID), ...]} in file order."""
+        return self.evaluated("fid")
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
@@ -220,7 +242,178 @@ def _num(v, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:,.{digits}f}"
 
 
-def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Path], factor: float, window: int) -> Path:
+# ------------------------------------------------------------------------------- runs that differ only in seed
+
+# (metrics.jsonl name before _<mode>, title, decimals): the evaluations reported per group of seeds
+EVALUATED = (
+    ("fid", "FID", 2),
+    ("classes", "classes", 2),
+    ("confident", "confident share", 3),
+    ("memorised", "memorised share", 3),
+)
+
+
+@dataclass(frozen=True)
+class SeedMetric:
+    name: str
+    step: int  # the largest step common to the runs, where `values` are taken (or up to which they count)
+    values: np.ndarray  # one per run, in the runs' order
+    decimals: int
+
+
+def _points(pairs: Iterable[tuple[int | float, float]]) -> dict[int, float]:
+    """{step: value} of the finite values (a step evaluated twice: the later value)."""
+    return {int(s): float(v) for s, v in pairs if math.isfinite(v)}
+
+
+def _series_points(run: Run, key: str) -> dict[int, float]:
+    steps, _, values = run.series(key)
+    return _points(zip(steps, values))
+
+
+def seed_groups(runs: list[Run]) -> list[Group]:
+    """The groups of runs that differ only in seed; [] unless some group has two runs or more."""
+    groups = group_runs([run.config for run in runs], [run.path.name for run in runs])
+    return groups if any(len(g.members) > 1 for g in groups) else []
+
+
+def training_metrics(runs: list[Run], factor: float, window: int) -> list[SeedMetric]:
+    """loss_ct at the largest logged step common to `runs`; spikes and the grad_norm std up to it."""
+    found = values_at_common_step([_series_points(run, "loss_ct") for run in runs])
+    if found is None:
+        return []
+    step, loss = found
+    upto = [replace(run, lines=[r for r in run.lines if r["step"] <= step]) for run in runs]
+    norms = [run.series("grad_norm")[2] for run in upto]
+    return [SeedMetric("loss_ct", step, loss, 4),
+            SeedMetric("grad-norm spikes", step, np.asarray([spikes(run, factor, window) for run in upto], float), 2),
+            SeedMetric("grad_norm std over the run", step, np.asarray([n.std() if len(n) else math.nan for n in norms]), 3)]
+
+
+def evaluated_metrics(runs: list[Run]) -> list[SeedMetric]:
+    """Each evaluation every run has (name, mode, sample count) at the largest step at which all have it."""
+    metrics = []
+    for name, _, decimals in EVALUATED:
+        keys = set.intersection(*(set(run.evaluated(name)) for run in runs))
+        for mode, num in sorted(keys, key=lambda k: (k[0], k[1] or 0)):
+            found = values_at_common_step([_points(run.evaluated(name)[mode, num]) for run in runs])
+            if found is not None:
+                metrics.append(SeedMetric(f"{name} {mode}" + (f" ({num:,} samples)" if num else ""), *found, decimals))
+    return metrics
+
+
+def seed_metrics(runs: list[Run], factor: float, window: int) -> list[SeedMetric]:
+    return training_metrics(runs, factor, window) + evaluated_metrics(runs)
+
+
+def _band_plot(curves: list[tuple[str, int, int, np.ndarray, np.ndarray]], ylabel: str, log: bool, path: Path,
+               marker: str = "") -> list[Path]:
+    """Per (label, colour, style, steps, values [seed, step]): the mean over seeds and a min–max band."""
+    curves = [c for c in curves if len(c[3])]
+    if not curves:
+        return []
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = figure(8, 4.2)
+    ax = fig.subplots()
+    for label, colour, style, steps, values in curves:
+        colour = colours[colour % len(colours)]
+        ax.plot(steps, values.mean(0), color=colour, ls=("-", ":", "--", "-.")[style % 4], marker=marker, lw=1.4,
+                label=label)
+        ax.fill_between(steps, values.min(0), values.max(0), color=colour, alpha=0.2, lw=0)
+    if log and all(np.all(c[4] > 0) for c in curves):
+        ax.set_yscale("log")
+    ax.set_xlabel("updates")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel}: mean over seeds (line), min–max over seeds (band)", fontsize=10)
+    fig.tight_layout()
+    return [save(fig, path, dpi=90)]
+
+
+def _seeds(group: Group) -> str:
+    return f"{group.label} ({len(group.members)} seed{'s' if len(group.members) > 1 else ''})"
+
+
+def plot_groups(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
+    """group_<quantity>.png and group_<name>_<mode>.png: per group the mean over seeds on their common steps."""
+    written = []
+    members = [[runs[i] for i in g.members] for g in groups]
+    for key, title, log in CURVES:
+        curves = [(_seeds(g), i, 0, *common_curve([_series_points(run, key) for run in m]))
+                  for i, (g, m) in enumerate(zip(groups, members))]
+        written += _band_plot(curves, title, log, out / f"group_{key}.png")
+    for name, title, _ in EVALUATED:
+        for mode in sorted({mode for run in runs for mode, _ in run.evaluated(name)}):
+            curves = []
+            for i, (g, m) in enumerate(zip(groups, members)):
+                nums = set.intersection(*({n for md, n in run.evaluated(name) if md == mode} for run in m))
+                for j, num in enumerate(sorted(nums, key=lambda n: n or 0)):
+                    count = f", {num:,} samples" if num else ""
+                    points = [_points(run.evaluated(name)[mode, num]) for run in m]
+                    curves.append((_seeds(g) + count, i, j, *common_curve(points)))
+            written += _band_plot(curves, f"{title}, {mode}", False, out / f"group_{name}_{mode}.png", marker="o")
+    return written
+
+
+def _mean_std(values: np.ndarray, decimals: int) -> str:
+    mean, std = mean_std(values)
+    return f"{_num(mean, decimals)} ± {_num(std, decimals)}"
+
+
+def _interval(iv: Interval, decimals: int) -> tuple[str, str]:
+    return _num(iv.estimate, decimals), f"[{_num(iv.low, decimals)}, {_num(iv.high, decimals)}]"
+
+
+def group_table(runs: list[Run], groups: list[Group], factor: float, window: int) -> list[str]:
+    lines = ["| group | seeds | runs |", "|---|---|---|"]
+    lines += [f"| {g.label} | {len(g.members)} | {', '.join(runs[i].name for i in g.members)} |" for g in groups]
+    lines += ["", "| group | seeds | metric | at step | mean ± std | per seed (seed: value) |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        members = [runs[i] for i in g.members]
+        for m in seed_metrics(members, factor, window):
+            per_seed = "; ".join(f"{run.config.get('seed', '?')}: {_num(v, m.decimals)}" for run, v in zip(members, m.values))
+            lines.append(f"| {g.label} | {len(members)} | {m.name} | {m.step:,} | {_mean_std(m.values, m.decimals)} "
+                         f"| {per_seed} |")
+    return lines
+
+
+def comparison_table(runs: list[Run], pairs: list[tuple[Group, Group]], factor: float, window: int) -> list[str]:
+    """score − vanilla per metric, at the steps common to both groups: the difference of the means and of
+    the seed-to-seed standard deviations, each with its bootstrap interval."""
+    lines = ["| comparison | metric | at step | score − vanilla, mean | 95% interval | excludes 0 "
+             "| score − vanilla, std | 95% interval |", "|---|---|---|---|---|---|---|---|"]
+    for score, vanilla in pairs:
+        context = pair_context(score, vanilla)
+        members = [runs[i] for i in score.members + vanilla.members]
+        for m in seed_metrics(members, factor, window):
+            a, b = m.values[:len(score.members)], m.values[len(score.members):]
+            mean, std = bootstrap_difference(a, b, seed_mean), bootstrap_difference(a, b, seed_std)
+            excludes = "n/a" if math.isnan(mean.low) else ("yes" if mean.excludes_zero else "no")
+            lines.append(f"| score − vanilla{f' ({context})' if context else ''} | {m.name} | {m.step:,} | "
+                         f"{' | '.join(_interval(mean, m.decimals))} | {excludes} | {' | '.join(_interval(std, m.decimals))} |")
+    return lines
+
+
+def group_section(runs: list[Run], groups: list[Group], plots: list[Path], factor: float, window: int) -> list[str]:
+    lines = ["## Groups (runs that differ only in seed)", "",
+             "Runs whose configurations are equal but for `seed` and `workdir` form a group, labelled by the fields "
+             "that differ between groups. mean ± std: over the group's seeds, sample standard deviation (ddof 1; "
+             "n/a for one seed). Evaluations are taken at the largest step at which every run of the group has one, "
+             "loss_ct at the largest logged step all share; spikes and the grad_norm std count up to that step.", ""]
+    lines += group_table(runs, groups, factor, window) + [""]
+    if pairs := variant_pairs(groups):
+        lines += ["### score − vanilla", "",
+                  "For groups that differ only in `variant`, at the steps common to both: the difference of the means "
+                  f"and of the seed-to-seed standard deviations, with a bootstrap {LEVEL:.0%} percentile interval "
+                  f"({RESAMPLES:,} resamples of the seeds with replacement, within each group independently; numpy "
+                  f"Generator seed {BOOTSTRAP_SEED}). With few seeds the interval is coarse.", ""]
+        lines += comparison_table(runs, pairs, factor, window) + [""]
+    return lines + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+
+
+def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Path], factor: float, window: int,
+                   groups: Sequence[Group] = (), group_plots: Sequence[Path] = ()) -> Path:
     lines = ["# Run comparison", "", "Runs: " + ", ".join(f"`{run.path}`" for run in runs), ""]
     lines += ["| run | variant | preset | recipe | seed | updates | kimg | wall time | last loss_ct | grad-norm spikes "
               "| skipped |",
@@ -243,6 +436,8 @@ def write_markdown(runs: list[Run], out: Path, plots: list[Path], grids: list[Pa
         lines.append("")
     else:
         lines += ["No FID has been computed in these runs.", ""]
+    if groups:
+        lines += group_section(runs, list(groups), list(group_plots), factor, window)
     lines += ["## Curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if grids:
         lines += ["## Samples at matching steps", ""] + [f"![{p.stem}]({p.name})" for p in grids] + [""]
@@ -269,9 +464,10 @@ def check_out(out: Path, runs: list[str | Path] = ()) -> None:
 
 
 def report(paths: list[str | Path], out: str | Path, *, names: list[str] | None = None,
-           spike_factor: float = 3.0, spike_window: int = 10) -> Path:
-    """Write the plots, grids and report.md for `paths` into `out` (not inside a run directory); returns
-    report.md's path."""
+           spike_factor: float = 3.0, spike_window: int = 10, group_seeds: bool = True) -> tuple[Path, list[Group]]:
+    """Write the plots, grids and report.md for `paths` into `out` (not inside a run directory), with a
+    section on the runs that differ only in seed when `group_seeds` and some group has two runs or more.
+    Returns report.md's path and the groups reported ([] when none)."""
     check_out(Path(out), paths)
     runs = [load_run(p, n) for p, n in zip(paths, names or [None] * len(paths))]
     out = Path(out)
@@ -279,4 +475,6 @@ def report(paths: list[str | Path], out: str | Path, *, names: list[str] | None 
     plots = plot_curves(runs, out)
     modes = sorted({mode for run in runs for mode in run.grids})
     grids = [g for g in (side_by_side(runs, mode, out) for mode in modes) if g is not None]
-    return write_markdown(runs, out, plots, grids, spike_factor, spike_window)
+    groups = seed_groups(runs) if group_seeds else []
+    group_plots = plot_groups(runs, groups, out) if groups else []
+    return write_markdown(runs, out, plots, grids, spike_factor, spike_window, groups, group_plots), groups
