@@ -23,7 +23,7 @@ def flat(cfg) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["paper", "smoke", "cpu"])
+@pytest.mark.parametrize("name", ["paper", "smoke", "cpu", "digits"])
 def test_presets_resolve_and_validate(name):
     cfg = parse(["--config.preset", name])
     assert cfg == PRESETS[name] and cfg.preset == name and cfg.recipe == "reference"
@@ -39,7 +39,7 @@ def test_documented_values():
     assert CPU.total_steps % CPU.steps_per_call == 0 and CPU.total_steps % CPU.saving_step == 0
 
 
-@pytest.mark.parametrize("name", ["paper", "smoke", "cpu"])
+@pytest.mark.parametrize("name", ["paper", "smoke", "cpu", "digits"])
 def test_ict_recipe_changes_exactly_q1_q2_q6(name):
     reference, ict = flat(PRESETS[name]), flat(apply_recipe(PRESETS[name], "ict"))
     changed = {k: (reference[k], ict[k]) for k in reference if reference[k] != ict[k]}
@@ -50,7 +50,7 @@ def test_ict_recipe_changes_exactly_q1_q2_q6(name):
         "sample.two_step_sigma": (0.661, 0.821),  # Q6
     }
     loss = build_loss(apply_recipe(PRESETS[name], "ict"))
-    d = 3 * PRESETS[name].model.image_size ** 2
+    d = PRESETS[name].model.channels * PRESETS[name].model.image_size ** 2
     assert loss.huber_c == pytest.approx(0.00054 * math.sqrt(d))  # 0.0299 for CIFAR-10
 
 
@@ -66,3 +66,28 @@ def test_help_shows_the_preset_defaults(capsys):
         parse(["--config.preset", "cpu", "--config.recipe", "ict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {CPU.total_steps})" in text and "(default: per_image)" in text and "(default: 0.821)" in text
+
+
+@pytest.mark.parametrize("name", ["radam", "adam"])
+def test_optimizer_first_update_closed_form(name):
+    """The first update of a gradient g: Adam's −lr·g/(|g| + ε) (≈ −lr·sign g, full steps from the start);
+    RAdam's, unrectified while its ρ_t ≤ 5, the bias-corrected momentum −lr·g (optax defaults)."""
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jr
+    import numpy as np
+
+    from scgcm.core.state import make_optimizer
+    from scgcm.nn.model import split_trainable
+    from scgcm.run.config import build_model
+    from tests.tiny import MICRO_MODEL
+
+    params, _ = split_trainable(build_model(MICRO_MODEL, key=jr.key(0)))
+    grads = jax.tree_util.tree_map(lambda x: jr.normal(jr.key(x.size), x.shape), params)
+    optim = make_optimizer(0.1, 0.01, name)
+    updates, _ = optim.update(grads, optim.init(params), params)
+    for part, lr in (("torso", 0.1), ("head", 0.01)):
+        for got, g in zip(jax.tree_util.tree_leaves(getattr(updates, part)), jax.tree_util.tree_leaves(getattr(grads, part))):
+            want = -lr * g / (jnp.abs(g) + 1e-8) if name == "adam" else -lr * g
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert parse(["--config.preset", "digits", "--config.optim.optimizer", name]).optim.optimizer == name

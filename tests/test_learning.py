@@ -17,7 +17,7 @@ from PIL import Image
 from scgcm.run.metrics import read_records
 from tests.cli import train_env
 
-LEARNING_STEPS = 400
+LEARNING_STEPS = 200
 MAX_FINAL_FD = 50.0
 """The one-step distance must fall below this (measured: ~FD_MEASURED; broken objective: ~FD_BROKEN)."""
 MIN_IMPROVEMENT = 2.0
