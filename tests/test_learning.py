@@ -2,10 +2,11 @@
 digits of many classes, measured by the digits classifier as training measures it (metrics.jsonl), and
 its written sample grid is no longer a uniform blob.
 
-Thresholds from measurement (experiments/RESULTS.md, "Learning test"): LEARNING_STEPS updates of the preset
-take the one-step distance from ~98 (untrained) to ~FD_MEASURED with 250 samples; with the consistency
-term's gradient stopped (`jax.lax.stop_gradient` on the CT loss) it stays at ~FD_BROKEN. The thresholds sit
-between, with margin on both sides.
+Thresholds from measurement (experiments/RESULTS.md, "Learning test", 2026-12-03): 200 updates of the preset
+take the one-step distance of 250 samples from 97.8 (untrained, 1 class) to 29.7 (6 classes); with the
+consistency term's gradient stopped (`jax.lax.stop_gradient` on the CT loss, the head still trained) it
+stays at 97.8 with 1 class, and this test fails. The thresholds sit between, with margin on both sides.
+About 3 CPU-minutes, most of it the 200 updates.
 """
 
 import subprocess
@@ -19,11 +20,11 @@ from tests.cli import train_env
 
 LEARNING_STEPS = 200
 MAX_FINAL_FD = 50.0
-"""The one-step distance must fall below this (measured: ~FD_MEASURED; broken objective: ~FD_BROKEN)."""
+"""The one-step distance must fall below this (measured: 29.7; broken objective: 97.8)."""
 MIN_IMPROVEMENT = 2.0
 """…and below the untrained model's divided by this."""
-MIN_CLASSES = 5
-"""Classes among the confidently classified one-step samples (untrained: 1)."""
+MIN_CLASSES = 3
+"""Classes among the confidently classified one-step samples (measured: 6; untrained and broken: 1)."""
 
 
 def test_a_short_digits_run_learns_digits(tmp_path):
