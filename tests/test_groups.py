@@ -236,3 +236,14 @@ def test_no_group_section_without_groups_or_with_no_group_seeds(study, tmp_path,
     assert run_cli(report_cli.main, [study[0], study[4], study[8], "--out", str(ungrouped)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {ungrouped / 'report.md'}"
     assert "## Groups" not in (ungrouped / "report.md").read_text() and not list(ungrouped.glob("group_*"))
+
+
+def test_the_distance_is_named_by_the_network_that_measured_it(tmp_path):
+    from scgcm.run.report import Run, distance_name
+
+    run = lambda cfg: Run("r", tmp_path, cfg, [])
+    digits = {"data": {"source": "digits"}, "fid": {"network": "auto"}}
+    assert distance_name([run(digits), run({"data": {"source": "digits"}, "fid": {"network": "digits"}})]) == "digits FD"
+    assert distance_name([run(digits), run({"data": {"source": None}, "fid": {"network": "auto"}})]) == "FID"
+    assert distance_name([run({"data": {"source": "digits"}, "fid": {"network": "inception"}})]) == "FID"
+    assert distance_name([run({})]) == "FID"  # no config.json: the standard

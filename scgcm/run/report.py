@@ -154,6 +154,14 @@ def _label(run: Run, num: int | None = None) -> str:
     return run.name + (f" ({num:,} samples)" if num else "")
 
 
+def distance_name(runs: list[Run]) -> str:
+    """'digits FD' when every run is scored by the digits classifier (`--config.fid.network`), else 'FID'."""
+    def network(run: Run) -> str:
+        chosen = run.config.get("fid", {}).get("network", "auto")
+        return chosen if chosen != "auto" else ("digits" if run.config.get("data", {}).get("source") == "digits" else "inception")
+    return "digits FD" if runs and all(network(run) == "digits" for run in runs) else "FID"
+
+
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
     written = []
     colours = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -198,9 +206,10 @@ def plot_curves(runs: list[Run], out: Path) -> list[Path]:
         for ax, xlabel in zip(axes, ("updates", "kimg")):
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel(f"FID, {mode}")
+        axes[0].set_ylabel(f"{distance_name(runs)}, {mode}")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"FID ({mode}); fewer than 50,000 samples biases FID upward")
+        fig.suptitle(f"FID ({mode}); fewer than 50,000 samples biases FID upward" if distance_name(runs) == "FID"
+                     else f"{distance_name(runs)} ({mode}): Fréchet distance on the digits classifier's features")
         fig.tight_layout()
         written.append(out / f"fid_{mode}.png")
         fig.savefig(written[-1], dpi=90)
