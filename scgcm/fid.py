@@ -153,9 +153,7 @@ def _calc(samples: Path, images, network: str, extractor, ref_stats, ref_feature
     if network == "digits":
         print(f"confident {scores['confident']:.3f}, classes {scores['classes']:.0f}, "
               f"memorised {scores['memorised']:.3f} (digits classifier)", file=sys.stderr)
-        print(f"digits Fréchet distance ({len(images):,} samples):", file=sys.stderr)
-    else:
-        print(f"{fid_label(len(images))}:", file=sys.stderr)
+    print(f"{fid_label(len(images), network)}:", file=sys.stderr)
     print(f"{scores['fid']:.4f}")
 
 

@@ -24,7 +24,7 @@ from scgcm.errors import UserError, run_cli
 from scgcm.eval.fid import check_sample_count, fid_label
 from scgcm.eval.plot import plot_lines
 from scgcm.eval.scores import describe_scores, flat_scores
-from scgcm.run.load import load_run_config, load_state, run_evaluator, run_extractor
+from scgcm.run.load import load_run_config, load_state, run_evaluator, run_extractor, run_network
 from scgcm.run.posthoc import checkpoint_name, distinct_sigma_rels, reconstruct
 from scgcm.run.rundir import dumps_finite, use_compile_cache
 from scgcm.run.sweep import check_modes
@@ -73,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     written, target = reconstruct(workdir, sigma_rels, args.step)
     if not args.fid:
         return 0
-    results = {}
+    results, label = {}, fid_label(args.num, run_network(cfg))
     for s in sigma_rels:
         state, _ = load_state(workdir, cfg, checkpoint_name(s))
         results[s] = evaluator.evaluate(state.ema)
-        print(f"σ_rel {checkpoint_name(s).removeprefix('phema_')}: {fid_label(args.num)} {describe_scores(results[s])} "
+        print(f"σ_rel {checkpoint_name(s).removeprefix('phema_')}: {label} {describe_scores(results[s])} "
               f"(against {ref_name})")
-    record = {"step": target, "num": args.num, "seed": args.seed, "label": fid_label(args.num), "reference": ref_name,
+    record = {"step": target, "num": args.num, "seed": args.seed, "label": label, "reference": ref_name,
               "results": [{"sigma_rel": s, **flat_scores(r)} for s, r in results.items()]}
     (workdir / "phema_fid.json").write_text(dumps_finite(record, indent=2) + "\n")
     series = {m: [(s, r[m]["fid"]) for s, r in results.items()] for m in args.modes}
-    plot_lines(series, workdir / "phema_fid.png", xlabel="σ_rel", ylabel=f"{fid_label(args.num)}, step {target}")
+    plot_lines(series, workdir / "phema_fid.png", xlabel="σ_rel", ylabel=f"{label}, step {target}")
     print(f"wrote {workdir / 'phema_fid.json'}, {workdir / 'phema_fid.png'}")
     return 0
 

@@ -36,7 +36,7 @@ from scgcm.parallel import distributed as distributed_lib
 from scgcm.parallel.generate import Mode, generate
 from scgcm.parallel.mesh import make_mesh, replicate
 from scgcm.run.config import TrainConfig
-from scgcm.run.load import load_run_config, load_state, run_extractor, run_reference, run_sampler
+from scgcm.run.load import load_run_config, load_state, run_extractor, run_network, run_reference, run_sampler
 from scgcm.run.rundir import dumps_finite, save_grid, use_compile_cache
 
 
@@ -113,7 +113,7 @@ def search_two_step_sigma(args: SampleArgs, cfg: TrainConfig, model, step: int, 
     """The σ search: each probe samples --num two-step images and scores them; prints, JSON, plot (process 0).
     Every process scores every probe: the next probe's σ, and so the next collective, depends on it."""
     say = print if jax.process_index() == 0 else lambda *a, **k: None
-    label = fid.fid_label(args.num)
+    label = fid.fid_label(args.num, run_network(cfg))
     probes = []
 
     def objective(sigma: float) -> float:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     print(f"{len(images)} images ({args.mode}, step {step}, {'EMA' if args.ema else 'raw'} weights) -> {out}, grid {grid}")
     if args.fid:
-        label = fid.fid_label(args.num)
+        label = fid.fid_label(args.num, run_network(cfg))
         results = []
         for (first, last), imgs in zip(ranges, per_range):
             result = scorer(imgs)

@@ -114,7 +114,7 @@ def test_fid_cli_measures_digits_with_the_classifier(network, digits_cache, tmp_
         assert fid_cli.main(["calc", str(tmp_path / f"{name}.npz"), "--ref", str(ref)]) == 0
         out, err = capsys.readouterr()
         values[name] = float(out.strip())
-        assert "digits Fréchet distance (360 samples)" in err and "classes" in err and "FID" not in err
+        assert "digits FD (360 samples)" in err and "classes" in err and "FID" not in err
     assert values["real"] < values["noise"] / 5
     assert "confident" in err
     bad_ref = tmp_path / "inception-like.npz"
@@ -125,6 +125,9 @@ def test_fid_cli_measures_digits_with_the_classifier(network, digits_cache, tmp_
     assert fid_cli.chosen_network("auto", None, np.zeros((2, 32, 32, 3), np.uint8)) == "inception"
     assert "fewer than 64," in few_samples_message(10, 64) and "published" not in few_samples_message(10, 64)
     assert "2,048" in few_samples_message(10)
+    from scgcm.eval.fid import fid_label
+
+    assert fid_label(500, "digits") == "digits FD (500 samples)" and fid_label(500) == "FID (500 samples)"
 
 
 def test_the_evaluator_does_not_warn_about_inception_dimensions_for_digits(network, caplog):

@@ -226,8 +226,11 @@ STANDARD_NUM = 50_000
 """Samples of a FID comparable with published numbers; fewer give a value biased upward."""
 
 
-def fid_label(num: int) -> str:
-    """'FID' for the standard 50,000 samples (or more), else 'FID (1,000 samples)': FID is biased upward at small N."""
+def fid_label(num: int, network: str = "inception") -> str:
+    """'FID' for the standard 50,000 samples (or more), else 'FID (1,000 samples)': FID is biased upward at small N.
+    With the digits classifier (`network` 'digits'): 'digits FD (500 samples)', a distance of its own."""
+    if network == "digits":
+        return f"digits FD ({num:,} samples)"
     return "FID" if num >= STANDARD_NUM else f"FID ({num:,} samples)"
 
 

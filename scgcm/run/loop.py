@@ -36,7 +36,7 @@ from scgcm.parallel.train_fn import make_train_fn
 from scgcm.run import accelerator
 from scgcm.run.checkpoint import Checkpointer, NoReadableCheckpoint
 from scgcm.run.config import TrainConfig, build_loss, build_schedule, build_state
-from scgcm.run.load import run_extractor, run_reference, run_sampler
+from scgcm.run.load import run_extractor, run_network, run_reference, run_sampler
 from scgcm.run.metrics import NUM_KEY, plot_fid
 from scgcm.run.rundir import (
     MetricsLog,
@@ -277,9 +277,9 @@ class Outputs:
         scores = {mode: r["fid"] for mode, r in results.items()}
         self.fids.update(scores)
         self.metrics_log.write(at, {**flat_scores(results), NUM_KEY: which.num})
-        self.log.info("%s at step %d: %s", fid_lib.fid_label(which.num), at, describe_scores(results))
+        self.log.info("%s at step %d: %s", fid_lib.fid_label(which.num, run_network(self.cfg)), at, describe_scores(results))
         if jax.process_index() == 0:
-            plot_fid(self.workdir / "metrics.jsonl", self.workdir / "fid.png")
+            plot_fid(self.workdir / "metrics.jsonl", self.workdir / "fid.png", network=run_network(self.cfg))
         return scores
 
     def checkpoint(self, state: TrainState, at: int, skipped_total: int, with_fid: bool = False,
@@ -465,6 +465,6 @@ def final_sampling(cfg: TrainConfig, workdir: Path, log, stop: StopSignal, state
         save_grid(samples[:64], workdir / "samples" / "final_onestep.png")
     log.info("final samples: %s", out)
     if evaluator is not None and len(samples) >= cfg.fid.num:  # fewer would not be comparable with the evaluations
-        log.info("final %s (onestep, seed %d): %s", fid_lib.fid_label(len(samples)), cfg.seed,
+        log.info("final %s (onestep, seed %d): %s", fid_lib.fid_label(len(samples), run_network(cfg)), cfg.seed,
                  describe_scores({"onestep": evaluator.scores(samples, "final onestep")}))
     return 0

@@ -84,7 +84,8 @@ def evaluated_steps(metrics_jsonl: str | Path, modes: tuple[str, ...]) -> set[in
     return set.intersection(*per_mode) if per_mode else set()
 
 
-def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, int] = (720, 440)) -> bool:
+def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, int] = (720, 440),
+             network: str = "inception") -> bool:
     """FID against training step, one line per mode (log-scaled when it spans a decade); PIL only.
     The axis names the sample count when under 50,000. Returns False (and writes nothing) when
     metrics.jsonl holds no FID yet."""
@@ -92,6 +93,6 @@ def plot_fid(metrics_jsonl: str | Path, out_png: str | Path, size: tuple[int, in
     if not evaluations:
         return False
     nums = sorted({v["num"] for points in evaluations.values() for _, v in points if "num" in v})
-    ylabel = " / ".join(fid_label(n) for n in nums) if nums else "FID"
+    ylabel = " / ".join(fid_label(n, network) for n in nums) if nums else fid_label(0, network).split(" (")[0]
     series = {mode: [(s, v["fid"]) for s, v in points] for mode, points in evaluations.items()}
     return plot_lines(series, out_png, xlabel="step", ylabel=ylabel, size=size, integer_x=True)

@@ -10,7 +10,7 @@ from scgcm.eval import fid
 from scgcm.eval.scores import describe_scores, flat_scores
 from scgcm.parallel.generate import MODES
 from scgcm.run.checkpoint import Checkpointer
-from scgcm.run.load import load_run_config, run_evaluator, run_extractor, state_skeleton
+from scgcm.run.load import load_run_config, run_evaluator, run_extractor, run_network, state_skeleton
 from scgcm.run.metrics import NUM_KEY, evaluated_steps, plot_fid
 from scgcm.run.rundir import append_record
 
@@ -58,7 +58,7 @@ def sweep(workdir: Path, *, modes: tuple[str, ...] | None = None, num: int | Non
                                         fid_ref=fid_ref or cfg.fid.ref)
     ckpt = Checkpointer(workdir / "checkpoints", read_only=True)
     skeleton = state_skeleton(cfg)
-    label = fid.fid_label(num)
+    label = fid.fid_label(num, run_network(cfg))
     done = []
     try:
         for step in pending:
@@ -69,7 +69,7 @@ def sweep(workdir: Path, *, modes: tuple[str, ...] | None = None, num: int | Non
                 continue
             results = evaluator.evaluate(state.ema)
             append_record(workdir / "metrics.jsonl", step, {**flat_scores(results), NUM_KEY: num})
-            plot_fid(workdir / "metrics.jsonl", workdir / "fid.png")
+            plot_fid(workdir / "metrics.jsonl", workdir / "fid.png", network=run_network(cfg))
             print(f"step {step}: {label} {describe_scores(results)} (against {ref_name})", flush=True)
             done.append(step)
     finally:
