@@ -10,7 +10,7 @@ dataset are cached next to the weights, keyed by the data's content (`scgcm.eval
 2 images are refused; fewer than 2,048 give a biased FID, with a warning. See fid.md for the standard.
 `calc` also prints improved precision/recall (k = 3) when the reference holds real features (those
 of a dataset, or a file written by `ref --out`), and labels a FID of fewer than 50,000 samples.
-`--network digits` (the default for `--source digits` and for 8×8 samples) measures with the digits
+`--network digits` (the default for `--source digits` and for a `--ref` of its 64 features) measures with the digits
 classifier (`scgcm.eval.digits`) instead of Inception, and `calc` also prints its confident share, classes
 and memorisation.
 """
@@ -75,14 +75,16 @@ class Calc:
     batch_size: int | None = None
     """Images per step, over all local devices (default: 256 on GPU/TPU, 32 on CPU)."""
     network: Network = "auto"
-    """Feature network: Inception, or the digits classifier; 'auto': digits for --source digits or 8×8 samples."""
+    """Feature network: Inception, or the digits classifier; 'auto': digits for --source digits, or for a --ref
+    of the classifier's 64 features."""
 
 
-def chosen_network(network: Network, source: str | None, images=None) -> str:
-    """'inception' or 'digits': `network`, with 'auto' resolved by the data (Inception never sees 8×8 digits)."""
+def chosen_network(network: Network, source: str | None, ref_dim: int | None = None) -> str:
+    """'inception' or 'digits': `network`, with 'auto' resolved by the data: digits for `--source digits`, or
+    for reference statistics of the digits classifier's feature size (Inception never sees 8×8 digits)."""
     if network != "auto":
         return network
-    return "digits" if source == "digits" or (images is not None and images.shape[1:3] == (8, 8)) else "inception"
+    return "digits" if source == "digits" or ref_dim == digits_net.HIDDEN else "inception"
 
 
 def cli(args: Sequence[str] | None = None) -> Ref | Calc:
@@ -113,11 +115,13 @@ def main(command: Ref | Calc | Sequence[str] | None = None) -> int:
                 raise UserError("--ref and --source exclude each other: the reference is either a file or a dataset")
             images = load_samples(samples)  # every input first, then the network
             check_sample_count(len(images), str(samples), warn=False)  # the warning comes with the number
-            network = chosen_network(command.network, source, images)
-            extractor = _extractor(network, command.batch_size)
-            if ref is not None:
+            if ref is not None:  # the file's feature size tells which network made it ('auto')
                 ref_stats, ref_features = read_reference(ref, need_features=True)
+                network = chosen_network(command.network, source, len(ref_stats[0]))
+                extractor = _extractor(network, command.batch_size)
             else:
+                network = chosen_network(command.network, source)
+                extractor = _extractor(network, command.batch_size)
                 ref_stats, ref_features = reference(source, extractor, split=split, flag="--source", need_features=True)
             _calc(samples, images, network, extractor, ref_stats, ref_features, ref)
     return 0

@@ -120,9 +120,10 @@ def test_fid_cli_measures_digits_with_the_classifier(network, digits_cache, tmp_
     bad_ref = tmp_path / "inception-like.npz"
     save_statistics(bad_ref, np.zeros(128), np.eye(128))
     with pytest.raises(UserError, match="128-dimensional features, but the digits network's have 64"):
-        fid_cli.main(["calc", str(tmp_path / "real.npz"), "--ref", str(bad_ref)])
-    assert fid_cli.chosen_network("auto", None, held_out) == "digits"
-    assert fid_cli.chosen_network("auto", None, np.zeros((2, 32, 32, 3), np.uint8)) == "inception"
+        fid_cli.main(["calc", str(tmp_path / "real.npz"), "--ref", str(bad_ref), "--network", "digits"])
+    assert fid_cli.chosen_network("auto", None, 64) == "digits" and fid_cli.chosen_network("auto", "digits") == "digits"
+    assert fid_cli.chosen_network("auto", None, 2048) == "inception" and fid_cli.chosen_network("auto", None) == "inception"
+    assert fid_cli.chosen_network("inception", "digits") == "inception"
     assert "fewer than 64," in few_samples_message(10, 64) and "published" not in few_samples_message(10, 64)
     assert "2,048" in few_samples_message(10)
     from scgcm.eval.fid import fid_label
