@@ -247,3 +247,14 @@ def test_the_distance_is_named_by_the_network_that_measured_it(tmp_path):
     assert distance_name([run(digits), run({"data": {"source": None}, "fid": {"network": "auto"}})]) == "FID"
     assert distance_name([run({"data": {"source": "digits"}, "fid": {"network": "inception"}})]) == "FID"
     assert distance_name([run({})]) == "FID"  # no config.json: the standard
+
+
+def test_a_recipe_names_its_group_without_the_fields_it_changes():
+    ict = config(variant="vanilla", recipe="ict", seed=1)
+    ict["loss"] = {**ict.get("loss", {}), "huber_form": "per_image"}  # what --config.recipe ict changes with it
+    configs = [config(seed=1), config(seed=2), ict, {**ict, "seed": 2}]
+    assert [g.label for g in group_runs(configs, ["a", "b", "c", "d"])] == [
+        "variant=score, recipe=reference", "variant=vanilla, recipe=ict"]
+    lr = [config(seed=1), config(seed=2, torso_lr=1.0), config(seed=3, variant="vanilla")]  # the names do not separate
+    assert [g.label for g in group_runs(lr, ["a", "b", "c"])] == [
+        "variant=score, optim.torso_lr=0.0004", "variant=score, optim.torso_lr=1.0", "variant=vanilla, optim.torso_lr=0.0004"]

@@ -20,6 +20,9 @@ import numpy as np
 SEED_KEYS = ("seed", "workdir")
 """Configuration fields that tell the seeds of one experiment apart without changing the experiment."""
 
+NAMING_KEYS = ("preset", "variant", "recipe")
+"""Fields that name a group alone when they tell all the groups apart (the recipe's changes then go unsaid)."""
+
 RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
@@ -69,10 +72,14 @@ def differing_keys(configs: Sequence[dict]) -> list[str]:
 
 
 def group_labels(configs: Sequence[dict | None], first_names: Sequence[str]) -> list[str]:
-    """"key=value, …" of the fields that differ between the groups' configurations; a group without a
-    configuration, or all of them when that names nothing, by its first run's folder name less the seed."""
+    """"key=value, …" of the fields that differ between the groups' configurations (only NAMING_KEYS when those
+    alone tell the groups apart); a group without a configuration, or all of them when that names nothing, by
+    its first run's folder name less the seed."""
     known = [c for c in configs if c is not None]
     keys = differing_keys(known) if len(known) > 1 else []
+    named = [k for k in NAMING_KEYS if k in keys]  # "recipe=ict" says what its four changed fields would
+    if named and len({tuple(c.get(k, _MISSING) for k in named) for c in known}) == len(known):
+        keys = named
     labels = []
     for config, name in zip(configs, first_names):
         parts = [f"{k}={_show(config.get(k, '(unset)'))}" for k in keys] if config is not None else []
