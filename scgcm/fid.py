@@ -82,9 +82,9 @@ class Calc:
 def chosen_network(network: Network, source: str | None, ref_dim: int | None = None) -> str:
     """'inception' or 'digits': `network`, with 'auto' resolved by the data: digits for `--source digits`, or
     for reference statistics of the digits classifier's feature size (Inception never sees 8×8 digits)."""
-    if network != "auto":
-        return network
-    return "digits" if source == "digits" or ref_dim == digits_net.HIDDEN else "inception"
+    if network == "auto" and ref_dim == digits_net.HIDDEN:
+        return "digits"
+    return digits_net.resolve_network(network, source)
 
 
 def cli(args: Sequence[str] | None = None) -> Ref | Calc:

@@ -95,6 +95,14 @@ def train_network() -> dict[str, np.ndarray]:
     return params
 
 
+def resolve_network(network: str, source: str | None) -> str:
+    """'inception' or 'digits': a feature-network choice (`--config.fid.network`, `--network`), 'auto' resolved
+    by the data source (Inception is never run on 8×8 digits)."""
+    if network != "auto":
+        return network
+    return "digits" if source == "digits" else "inception"
+
+
 def cache_key() -> dict[str, str | int]:
     import sklearn
 

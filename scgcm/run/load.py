@@ -147,9 +147,7 @@ def fid_extractor(batch_size: int, *, progress: bool = True) -> fid.FeatureExtra
 
 def run_network(cfg: TrainConfig) -> str:
     """'inception' or 'digits': the run's `--config.fid.network`, 'auto' resolved by its data."""
-    if cfg.fid.network != "auto":
-        return cfg.fid.network
-    return "digits" if cfg.data.source == "digits" else "inception"
+    return digits_net.resolve_network(cfg.fid.network, cfg.data.source)
 
 
 def run_extractor(cfg: TrainConfig, batch_size: int, *, progress: bool = True, lazy: bool = True) -> fid.Extractor:

@@ -16,6 +16,7 @@ from matplotlib import rcParams
 from PIL import Image, ImageDraw, ImageFont
 
 from scgcm.errors import UserError
+from scgcm.eval.digits import resolve_network
 from scgcm.eval.plot import figure, save
 from scgcm.run.groups import (
     BOOTSTRAP_SEED,
@@ -156,9 +157,8 @@ def _label(run: Run, num: int | None = None) -> str:
 
 def distance_name(runs: list[Run]) -> str:
     """'digits FD' when every run is scored by the digits classifier (`--config.fid.network`), else 'FID'."""
-    def network(run: Run) -> str:
-        chosen = run.config.get("fid", {}).get("network", "auto")
-        return chosen if chosen != "auto" else ("digits" if run.config.get("data", {}).get("source") == "digits" else "inception")
+    network = lambda run: resolve_network(run.config.get("fid", {}).get("network", "auto"),
+                                          run.config.get("data", {}).get("source"))
     return "digits FD" if runs and all(network(run) == "digits" for run in runs) else "FID"
 
 
