@@ -196,8 +196,8 @@ def two_by_four(reference, tmp_path_factory, cache):
     workdir = copy_run(reference, tmp_path_factory.mktemp("mh") / "2x4", 2)
     started = time.perf_counter()
     procs = launch(workdir, cache)
-    wait_for(procs, lambda: all("kept on every device" in p.stderr for p in procs))  # the handlers follow at once;
-    time.sleep(1)  # process 1 then compiles for 10+ s
+    wait_for(procs, lambda: all("training: steps 2 to" in p.stderr for p in procs))  # set-up done; the first
+    time.sleep(0.2)  # call then compiles for 10+ s (a signal during the set-up stops before training, at step 2)
     for p in procs:
         p.popen.send_signal(signal.SIGTERM)
     results = finish(procs)

@@ -44,6 +44,25 @@ def test_sigterm_checkpoints_the_current_step(smoke_run, tmp_path):  # smoke_run
     assert step in _latest_steps(workdir) and step < 8 and max(_latest_steps(workdir)) == step
 
 
+def test_sigterm_during_set_up_stops_the_run(smoke_run, tmp_path):
+    """A signal as soon as the run directory's log exists (data loaded; the state, the programs and the
+    evaluators not yet made) is caught, not left to the default action (or to JAX's own SIGTERM handler,
+    which in a multi-process run swallowed it): the run stops at its first step boundary with a checkpoint."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "log.txt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    assert not (workdir / "metrics.jsonl").exists()  # still setting up
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert stopped, err[-3000:]
+    assert max(_latest_steps(workdir)) < 8
+
+
 def test_second_signal_exits_at_once(smoke_run, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(workdir), env=train_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

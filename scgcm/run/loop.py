@@ -79,8 +79,19 @@ def first_bad_update(metrics: dict[str, np.ndarray]) -> tuple[int, str] | None:
 def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None) -> int:
     """Run (or resume) training; returns the process exit code. `extractor` gives the FID features
     (default: the standard Inception network; tests pass a cheap stand-in). The run directory is locked
-    for the whole call; a fatal error (a UserError or any other exception) is also written to log.txt."""
+    for the whole call; a fatal error (a UserError or any other exception) is also written to log.txt.
+    SIGTERM/SIGINT are caught from here on, so a signal during the set-up (data, initialisation, restore,
+    the first evaluation) stops the run at its first step boundary too: JAX's own SIGTERM handler in a
+    multi-process run would otherwise swallow it and let the run go on."""
     launched = time.perf_counter()
+    stop = StopSignal()
+    try:
+        return _train_in_run_directory(cfg, extractor, launched, stop)
+    finally:
+        stop.restore()
+
+
+def _train_in_run_directory(cfg: TrainConfig, extractor, launched: float, stop: StopSignal) -> int:
     workdir = Path(cfg.workdir)
     # A new run directory is made only once its data has loaded: data that fails leaves nothing behind. An
     # existing one is resumed in the usual order (an unreadable checkpoint stops it before the data is read).
@@ -94,7 +105,7 @@ def train(cfg: TrainConfig, *, extractor: fid_lib.FeatureExtractor | None = None
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         if lock is not None and getattr(lock, "stale", ""):
             log.info("%s was left by a trainer that ended without releasing it (%s)", lock.path, lock.stale)
-        return _train(cfg, workdir, log, launched, extractor, images)
+        return _train(cfg, workdir, log, launched, extractor, images, stop)
     except UserError as e:
         log_to_file(workdir, str(e))  # the CLI prints it on stderr
         raise
@@ -154,7 +165,7 @@ def check_resume(cfg: TrainConfig, workdir: Path) -> None:
 
 
 def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
-           extractor: fid_lib.FeatureExtractor | None, images: np.ndarray | None) -> int:
+           extractor: fid_lib.FeatureExtractor | None, images: np.ndarray | None, stop: StopSignal) -> int:
     check_resume(cfg, workdir)
     cache = use_compile_cache(cfg.compile_cache)
     log.info("XLA compilation cache: %s", cache or "off")
@@ -182,7 +193,7 @@ def _train(cfg: TrainConfig, workdir: Path, log, launched: float,
                             "multiple of it; use the steps-per-call the run was started with")
         if restored is not None and cfg.phema:
             write_missing_snapshots(ckpt, skeleton, restored, log)
-        return training_loop(cfg, workdir, log, launched, extractor, optim, ckpt, restored, images)
+        return training_loop(cfg, workdir, log, launched, extractor, optim, ckpt, restored, images, stop)
     finally:
         ckpt.close()
 
@@ -337,7 +348,7 @@ def _check_finite(cfg: TrainConfig, metrics: dict[str, np.ndarray], step: int, c
 
 
 def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched: float, extractor, optim,
-                  ckpt: Checkpointer, restored, images: np.ndarray | None = None) -> int:
+                  ckpt: Checkpointer, restored, images: np.ndarray | None, stop: StopSignal) -> int:
     # Load dataset (a new run directory's is loaded before the directory is made).
     images = load_training_images(cfg) if images is None else images
     if jax.process_index() == 0:  # this start's configuration, once its data has loaded
@@ -376,11 +387,17 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
-    start_step, stop, interval, code = step, StopSignal(), Interval(), 0
+    start_step, interval, code = step, Interval(), 0
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
     try:
         if evaluator is not None and cfg.fid.at_start and step == 0:
             out.evaluate_fid(state, 0)  # the untrained model: the baseline of every later FID
+        signum = distributed.max_over_processes(stop.signum or 0)  # a signal during the set-up
+        if signum:
+            out.checkpoint(state, step, skipped_total)
+            log.info("stopped by %s before training, at step %d", signal.Signals(signum).name, step)
+            return 128 + signum
+        log.info("training: steps %d to %d", step, end)
         while step < end:
             started = time.perf_counter()
             batch = None  # drawn on the devices
@@ -430,7 +447,6 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
         log.error("%s", e)
         code = 3
     finally:
-        stop.restore()
         bar.close()
         if loader is not None:
             loader.close()
