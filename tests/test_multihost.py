@@ -342,7 +342,9 @@ def test_kill_of_one_process_stops_the_other(two_by_four, cache, tmp_path):
     waited = time.perf_counter() - killed
     procs[1].wait(10)
     assert code0 != 0 and waited < HEARTBEAT_S + 15, (code0, waited, err0[-3000:])
-    assert "stopped sending heartbeats" in err0, err0[-3000:]
+    # JAX's coordination service names the silent process; or, when process 0 is already in a collective
+    # (the set-up's signal check comes right after "resumed from"), Gloo reports the closed connection first
+    assert "stopped sending heartbeats" in err0 or "Connection closed by peer" in err0, err0[-3000:]
     print(f"process 0 stopped {waited:.1f} s after process 1 was killed (heartbeat timeout {HEARTBEAT_S} s)")
 
 
