@@ -77,8 +77,13 @@ def test_check_platform_estimates_the_time_on_a_cpu(caplog):
 
 
 def test_cli_paper_preset_on_cpu_prints_the_line_and_trains(tmp_path):
-    # the default preset (the last --config.preset wins), shrunk to the micro model by the tiny flags
-    result = run_train(tmp_path / "run", "--config.preset", "paper", "--config.data.source", "synthetic",
+    # the default preset (the last --config.preset wins), shrunk to the micro model and given the smoke
+    # preset's constants, so that its programs are the CLI tests' (in the compilation cache): its own width
+    # (nf 128, 4 blocks per level) took two CPU-minutes to compile and train
+    micro = ["--config.model.torso.nf", "8", "--config.model.torso.num-res-blocks", "1",
+             "--config.model.head.model-channels", "8", "--config.ict.s1", "40", "--config.optim.torso-lr", "2e-4",
+             "--config.optim.head-lr", "2e-4", "--config.optim.ema-decay", "0.99"]
+    result = run_train(tmp_path / "run", "--config.preset", "paper", *micro, "--config.data.source", "synthetic",
                        "--config.fid.no-enabled", "--config.stop-at", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "no accelerator found" in line]
