@@ -76,7 +76,7 @@ def test_check_platform_estimates_the_time_on_a_cpu(caplog):
     assert record.getMessage().startswith("no accelerator found") and "per update here (estimated)" in record.getMessage()
 
 
-def test_cli_paper_preset_on_cpu_prints_the_line_and_trains(tmp_path):
+def test_cli_paper_preset_on_cpu_prints_the_line_and_trains(smoke_run, tmp_path):  # smoke_run: programs in the cache
     # the default preset (the last --config.preset wins), shrunk to the micro model and given the smoke
     # preset's constants, so that its programs are the CLI tests' (in the compilation cache): its own width
     # (nf 128, 4 blocks per level) took two CPU-minutes to compile and train
@@ -88,4 +88,5 @@ def test_cli_paper_preset_on_cpu_prints_the_line_and_trains(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if "no accelerator found" in line]
     assert len(lines) == 1 and "WARNING" in lines[0] and "--config.preset smoke|cpu" in lines[0]
-    assert (tmp_path / "run" / "checkpoints" / "latest" / "2").is_dir()
+    # --config.stop-at: one checkpoint, at that step
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["2"]

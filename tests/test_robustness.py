@@ -42,6 +42,15 @@ def test_sigterm_checkpoints_the_current_step(smoke_run, tmp_path):  # smoke_run
     assert stopped, err[-3000:]
     step = int(stopped[-1].rsplit(" ", 1)[1])
     assert step in _latest_steps(workdir) and step < 8 and max(_latest_steps(workdir)) == step
+    # started again, it resumes there and ends with the uninterrupted run's arrays, bit for bit, and one
+    # metrics line per logged step (this was test_cli's stop-at-4-and-resume test, one process fewer)
+    second = run_train(workdir, "--config.sample.no-final-sampling")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"at step {step}" in [line for line in second.stderr.splitlines() if "resumed from" in line][0]
+    resumed, reference = checkpoint_arrays(workdir, 8), checkpoint_arrays(smoke_run, 8)
+    assert resumed.keys() == reference.keys()
+    assert [k for k in reference if not np.array_equal(resumed[k], reference[k])] == []
+    assert [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8]
 
 
 def test_sigterm_during_set_up_stops_the_run(smoke_run, tmp_path):
