@@ -272,8 +272,7 @@ def test_bad_data_leaves_an_existing_run_directory_as_it_was(tmp_path, capsys):
     assert "bad.npz" in after["log.txt"].decode() and after["trainer.lock"] == b""
 
 
-PHEMA_RUN = ("--config.phema", "--config.total-steps", "12", "--config.sample.no-final-sampling",
-             "--config.sample.sampling-step", "1000")  # snapshots at 4, 8, 12; no grids (~4 s a start)
+PHEMA_RUN = ("--config.phema", "--config.total-steps", "12", "--config.sample.no-final-sampling")  # snapshots at 4, 8, 12
 # A kill -9 at each point of the save of a checkpoint and its post-hoc EMA snapshot (`SCGCM_FAULT_KILL_AT`,
 # checkpoint.fault_point), one after the other in one run directory, each start resuming from the last:
 # (which save, what the kill leaves behind).
