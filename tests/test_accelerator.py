@@ -11,6 +11,7 @@ from tiny import MICRO_MODEL, tiny_config
 from scgcm.errors import UserError
 from scgcm.run import accelerator
 from scgcm.run.accelerator import Platform
+from scgcm.run.config import SMOKE
 
 CPU = Platform(backend="cpu", device_kind="cpu", num_devices=1)
 CPU_WITH_CUDA_PLUGIN = Platform(backend="cpu", device_kind="cpu", num_devices=1, plugins=("cuda12",))
@@ -80,9 +81,10 @@ def test_cli_paper_preset_on_cpu_prints_the_line_and_trains(smoke_run, tmp_path)
     # the default preset (the last --config.preset wins), shrunk to the micro model and given the smoke
     # preset's constants, so that its programs are the CLI tests' (in the compilation cache): its own width
     # (nf 128, 4 blocks per level) took two CPU-minutes to compile and train
-    micro = ["--config.model.torso.nf", "8", "--config.model.torso.num-res-blocks", "1",
-             "--config.model.head.model-channels", "8", "--config.ict.s1", "40", "--config.optim.torso-lr", "2e-4",
-             "--config.optim.head-lr", "2e-4", "--config.optim.ema-decay", "0.99"]
+    t, h, o = SMOKE.model.torso, SMOKE.model.head, SMOKE.optim
+    micro = [f"--config.{k}={v}" for k, v in (("model.torso.nf", t.nf), ("model.torso.num-res-blocks", t.num_res_blocks),
+             ("model.head.model-channels", h.model_channels), ("ict.s1", SMOKE.ict.s1), ("optim.torso-lr", o.torso_lr),
+             ("optim.head-lr", o.head_lr), ("optim.ema-decay", o.ema_decay))]
     result = run_train(tmp_path / "run", "--config.preset", "paper", *micro, "--config.data.source", "synthetic",
                        "--config.fid.no-enabled", "--config.stop-at", "2")
     assert result.returncode == 0, result.stderr[-3000:]

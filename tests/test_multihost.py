@@ -142,9 +142,9 @@ def wait_for(procs: list[Process], condition, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def train_one_process(workdir: Path, cache: Path, *extra: str, devices: int = 1) -> Process:
-    """The same configuration in one process of `devices` devices, with the same FID stand-in."""
-    return Process([sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra], _env(cache, devices=devices))
+def train_one_process(workdir: Path, cache: Path, *extra: str) -> Process:
+    """The same configuration in one process of one device, with the same FID stand-in."""
+    return Process([sys.executable, str(WORKER), *ARGS, "--config.workdir", str(workdir), *extra], _env(cache, devices=1))
 
 
 def copy_run(source: Path, target: Path, last_step: int) -> Path:
