@@ -15,6 +15,7 @@ from scgcm.data import order
 from scgcm.data.images import to_model_range
 from scgcm.data.loader import BatchLoader, batch_indices
 from scgcm.data.sources import DataError, load_images, synthetic_images, validate_images
+from scgcm.run.config import DIGITS, TrainConfig
 
 REPO = Path(__file__).parents[1]
 SUBSET = Path(__file__).parents[2] / "shared/data/cifar10-subset"
@@ -209,6 +210,17 @@ def test_loader_shape_range_flips_and_resume(small):
     with BatchLoader(small, batch_size=8, seed=4, start_step=5) as resumed:
         for s in range(5, 9):
             np.testing.assert_array_equal(next(resumed)[0], steps[s])
+
+
+def test_no_flip_loads_the_images_as_they_are(small):
+    """--config.data.no-flip (the digits preset's): the same images in the same order, none mirrored."""
+    with BatchLoader(small, batch_size=8, seed=4, steps_per_call=3, flip=False) as loader:
+        steps = np.concatenate([next(loader) for _ in range(2)])
+    for s in range(6):
+        indices, flips = batch_indices(s, batch_size=8, num_images=12, seed=4)
+        assert flips.any()  # the flags still say "mirror" for some: they are ignored
+        np.testing.assert_array_equal(steps[s], to_model_range(small[indices]))
+    assert not DIGITS.data.flip and TrainConfig().data.flip  # digits are not mirror-symmetric; CIFAR-10 is flipped
 
 
 def test_processes_split_the_global_batch(small):

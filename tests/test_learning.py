@@ -35,6 +35,7 @@ def test_a_short_digits_run_learns_digits(tmp_path):
            "--config.fid.modes", "onestep", "--config.fid.num", "250", "--config.fid.batch-size", "250"]
     run = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "not mirrored" in (workdir / "log.txt").read_text()  # the digits are trained as they are, never flipped
     scores = {r["step"]: r for r in read_records(workdir / "metrics.jsonl") if "fid_onestep" in r}
     assert set(scores) == {0, LEARNING_STEPS}, scores.keys()
     start, end = scores[0], scores[LEARNING_STEPS]

@@ -1,6 +1,8 @@
 """The data order (`scgcm.order`): a keyed permutation per epoch, the same bits in numpy and in jax, and
 the batches drawn on the device equal to the host loader's."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,12 +92,12 @@ def test_numpy_and_jax_give_the_same_bits():
 
 def test_batches_drawn_on_the_device_equal_the_host_loaders():
     """device_data.draw_batch from the step counter is BatchLoader's batch, bit for bit, for each process's
-    rows of a 2-process run, across an epoch boundary."""
+    rows of a 2-process run, across an epoch boundary, with and without flips."""
     images = sources.synthetic_images(20, image_size=8, seed=3)
-    draw = jax.jit(lambda im, s, r: device_data.draw_batch(im, s, r, steps=3, seed=5, batch_size=8))
-    for process in (0, 1):
+    for flip, process in ((True, 0), (True, 1), (False, 1)):  # without flips (the digits preset's) too
+        draw = jax.jit(functools.partial(device_data.draw_batch, steps=3, seed=5, batch_size=8, flip=flip))
         host = loader.BatchLoader(images, batch_size=8, seed=5, start_step=1, steps_per_call=3,
-                                process_index=process, process_count=2)
+                                process_index=process, process_count=2, flip=flip)
         try:
             for call in range(2):
                 expected = next(host)

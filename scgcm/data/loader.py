@@ -35,6 +35,7 @@ class _WorkerError:
 
 class BatchLoader:
     """Endless iterator of float32 [steps_per_call, batch_size/process_count, C, H, W] in [-1, 1].
+    With `flip` (the default), the images `batch_indices` flags are mirrored left-right.
 
     Item k covers global steps start_step + k·steps_per_call + s, s < steps_per_call; process p
     takes rows [p·b, (p+1)·b) of each global batch, b = batch_size/process_count. A daemon thread
@@ -53,6 +54,7 @@ class BatchLoader:
         process_index: int = 0,
         process_count: int = 1,
         prefetch: int = 2,
+        flip: bool = True,
     ):
         if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
             raise DataError(f"BatchLoader needs non-empty uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
@@ -63,7 +65,7 @@ class BatchLoader:
         if steps_per_call < 1 or prefetch < 1 or start_step < 0:
             raise DataError("BatchLoader needs steps_per_call >= 1, prefetch >= 1 and start_step >= 0")
         self._images, self._batch_size, self._seed = np.ascontiguousarray(images), batch_size, seed
-        self._start_step, self._steps_per_call = start_step, steps_per_call
+        self._start_step, self._steps_per_call, self._flip = start_step, steps_per_call, flip
         local = batch_size // process_count
         self._rows = slice(process_index * local, (process_index + 1) * local)
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -81,7 +83,8 @@ class BatchLoader:
         indices = np.concatenate([i[self._rows] for i, _ in picks])
         flips = np.concatenate([f[self._rows] for _, f in picks])
         batch = self._images[indices]  # one vectorised gather: [steps·b, H, W, C]
-        batch[flips] = batch[flips, :, ::-1]  # mirror left-right
+        if self._flip:
+            batch[flips] = batch[flips, :, ::-1]  # mirror left-right
         out = to_model_range(batch)
         return out.reshape(self._steps_per_call, -1, *out.shape[1:])
 

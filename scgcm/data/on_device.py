@@ -39,10 +39,11 @@ def gather_batch(
 
 def draw_batch(
     images: UInt8[Array, "n h w c"], first_step: Int[Array, ""], rows: Int[Array, " b"], *, steps: int, seed: int,
-    batch_size: int,
+    batch_size: int, flip: bool = True,
 ) -> Float[Array, "steps b c h w"]:
     """Rows `rows` of global batches first_step, …, first_step + steps − 1, drawn on the device: the images
-    and flips of `order.examples` (what `data.BatchLoader` loads on the host), gathered by `gather_batch`."""
+    and flips of `order.examples` (what `data.BatchLoader` loads on the host), gathered by `gather_batch`;
+    without `flip`, none is mirrored."""
     step = first_step + jnp.arange(steps, dtype=jnp.int32)[:, None]
     indices, flips = order.examples(seed, step, rows[None, :], batch_size=batch_size, num_images=images.shape[0], xp=jnp)
-    return gather_batch(images, indices.astype(jnp.int32), flips)
+    return gather_batch(images, indices.astype(jnp.int32), flips & flip)

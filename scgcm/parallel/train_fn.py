@@ -15,11 +15,12 @@ from scgcm.parallel.mesh import AXIS
 
 
 def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | None = None, seed: int = 0,
-                  batch_size: int = 0, steps_per_call: int = 1, **step_kwargs):
+                  batch_size: int = 0, steps_per_call: int = 1, flip: bool = True, **step_kwargs):
     """A jitted `(state, batch) -> (state, metrics)` running `train_steps` under shard_map; `batch` is the
     global float32 images [n, B, c, h, w]. With `dataset` (uint8 [N, h, w, c] replicated on the mesh,
     `device_data`) `batch` is None: each device draws its rows of the next `steps_per_call` global batches
-    of `batch_size` from `seed` and the state's step counter, as the host loader would.
+    of `batch_size` from `seed` and the state's step counter (mirrored where `order` says, with `flip`), as the
+    host loader would.
 
     The state's buffers are donated: the caller must use the returned state.
     """
@@ -48,7 +49,8 @@ def make_train_fn(mesh: Mesh, state_like: TrainState, *, dataset: jax.Array | No
 
     def drawn(arrays, images):
         rows = jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
-        batch = draw_batch(images, arrays.step, rows, steps=steps_per_call, seed=seed, batch_size=batch_size)
+        batch = draw_batch(images, arrays.step, rows, steps=steps_per_call, seed=seed, batch_size=batch_size,
+                           flip=flip)
         return per_device(arrays, batch)
 
     sharded = jax.shard_map(drawn, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()))

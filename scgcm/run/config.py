@@ -118,6 +118,8 @@ class DataConfig:
     """Dataset split."""
     synthetic_size: int = 2048
     """Number of images when source is 'synthetic'."""
+    flip: bool = True
+    """Mirror half of the training images left-right at random (the method's CIFAR-10 augmentation); off in the digits preset: a mirrored 2 is no digit."""  # noqa: E501
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,7 @@ DIGITS = TrainConfig(
     ),
     ict=ICTConfig(s0=10, s1=160),
     optim=OptimConfig(torso_lr=2e-3, head_lr=2e-3, ema_decay=0.99),
-    data=DataConfig(source="digits"),
+    data=DataConfig(source="digits", flip=False),
     sample=SampleConfig(sampling_step=400, grid_size=100, batch_size=100, heun_steps=10, final_num=500),
     fid=FIDConfig(num=500, batch_size=250, at_start=True),
 )

@@ -235,6 +235,7 @@ def _train_fn(cfg: TrainConfig, mesh, state: TrainState, optim, dataset):
     """The jitted call of `steps_per_call` updates (`dataset`: the images on the devices, or None)."""
     return make_train_fn(
         mesh, state, dataset=dataset, seed=cfg.seed, batch_size=cfg.batch_size, steps_per_call=cfg.steps_per_call,
+        flip=cfg.data.flip,
         optim=optim, schedule=build_schedule(cfg), loss_fn=build_loss(cfg), ema_decay=cfg.optim.ema_decay,
         ema_copy_steps=cfg.optim.ema_copy_steps, grad_accum=cfg.grad_accum,
         phema_gammas=tuple(sigma_rel_to_gamma(s) for s in cfg.phema_sigma_rels) if cfg.phema else (),
@@ -367,9 +368,12 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
     # Set up the data path and the jitted updates.
     fault_nan_step = int(os.environ["SCGCM_FAULT_NAN_STEP"]) if os.environ.get("SCGCM_FAULT_NAN_STEP") else None
     keep_on_device = on_device.fits(images, cfg.device_data_mb, cfg.batch_size) and fault_nan_step is None  # faults: host
-    log.info("data: %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
+    log.info("data: %s, %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
              "kept on every device, batches drawn in the step" if keep_on_device else "host loader",
-             images.nbytes / 2**20, cfg.device_data_mb)
+             "half mirrored left-right" if cfg.data.flip else "not mirrored", images.nbytes / 2**20, cfg.device_data_mb)
+    if cfg.data.flip and cfg.data.source == "digits":
+        log.warning("digits mirrored left-right are mostly not digits: --config.data.no-flip (the digits preset's) "
+                    "trains on them as they are")
     train_fn = _train_fn(cfg, mesh, state, optim, replicate(images, mesh) if keep_on_device else None)
 
     # Samplers, FID evaluators, logs.
@@ -385,7 +389,7 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
     n, end = cfg.steps_per_call, min(cfg.total_steps, cfg.stop_at) if cfg.stop_at is not None else cfg.total_steps
     loader = None if keep_on_device else data_loader.BatchLoader(
         images, batch_size=cfg.batch_size, seed=cfg.seed, start_step=step, steps_per_call=n,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), flip=cfg.data.flip,
     )
     start_step, interval, code = step, Interval(), 0
     bar = tqdm(total=end, initial=step, desc=f"{cfg.variant}", dynamic_ncols=True, disable=jax.process_index() != 0)
