@@ -310,7 +310,7 @@ DIGITS = TrainConfig(
         head=HeadConfig(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_levels=()),
     ),
     ict=ICTConfig(s0=10, s1=160),
-    optim=OptimConfig(torso_lr=2e-3, head_lr=2e-3, ema_decay=0.99),
+    optim=OptimConfig(torso_lr=3e-3, head_lr=3e-3, ema_decay=0.99),
     data=DataConfig(source="digits", flip=False),
     sample=SampleConfig(sampling_step=400, grid_size=100, batch_size=100, heun_steps=10, final_num=500),
     fid=FIDConfig(num=500, batch_size=250, at_start=True),
