@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scgcm.run.config import CPU, PRESETS, SMOKE, TrainConfig, apply_recipe, build_loss, validate_config
+from scgcm.run.config import CPU, PRESETS, SMOKE, TrainConfig, apply_recipe, build_loss, config_warnings, validate_config
 from scgcm.train import parse
 
 
@@ -97,3 +97,12 @@ def test_optimizer_first_update_closed_form(name):
             want = -lr * g / (np.abs(g) + 1e-8) if name == "adam" else -lr * g
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7)
     assert parse(["--config.preset", "digits", "--config.optim.optimizer", name]).optim.optimizer == name
+
+
+def test_digits_with_flips_warns_and_the_preset_does_not_flip():
+    """The digits preset trains on the digits as they are; asking for flips on digits is allowed, with one warning."""
+    assert config_warnings(parse(["--config.preset", "digits"])) == []
+    assert config_warnings(parse([])) == []  # CIFAR-10 is flipped, as the method does
+    (warning,) = config_warnings(parse(["--config.preset", "digits", "--config.data.flip"]))
+    assert "--config.data.no-flip" in warning
+    assert parse(["--config.preset", "digits"]).data.flip is False and parse([]).data.flip is True

@@ -464,6 +464,15 @@ def validate_config(cfg: TrainConfig, num_devices: int) -> list[str]:
     return errors
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that are allowed but most likely a mistake, one line each (logged at the start of training)."""
+    warnings = []
+    if cfg.data.flip and cfg.data.source == "digits":
+        warnings.append("digits mirrored left-right are mostly not digits: --config.data.no-flip (the digits preset's) "
+                        "trains on them as they are")
+    return warnings
+
+
 def _workdir_errors(workdir: str) -> list[str]:
 
     path = Path(workdir).absolute()

@@ -35,7 +35,7 @@ from scgcm.parallel.mesh import global_batch, make_mesh, replicate
 from scgcm.parallel.train_fn import make_train_fn
 from scgcm.run import accelerator
 from scgcm.run.checkpoint import Checkpointer, NoReadableCheckpoint
-from scgcm.run.config import TrainConfig, build_loss, build_schedule, build_state
+from scgcm.run.config import TrainConfig, build_loss, build_schedule, build_state, config_warnings
 from scgcm.run.load import run_extractor, run_network, run_reference, run_sampler
 from scgcm.run.metrics import NUM_KEY, plot_fid
 from scgcm.run.rundir import (
@@ -371,9 +371,8 @@ def training_loop(cfg: TrainConfig, workdir: Path, log: logging.Logger, launched
     log.info("data: %s, %s (%.1f MiB of uint8 images; --config.device-data-mb %g)",
              "kept on every device, batches drawn in the step" if keep_on_device else "host loader",
              "half mirrored left-right" if cfg.data.flip else "not mirrored", images.nbytes / 2**20, cfg.device_data_mb)
-    if cfg.data.flip and cfg.data.source == "digits":
-        log.warning("digits mirrored left-right are mostly not digits: --config.data.no-flip (the digits preset's) "
-                    "trains on them as they are")
+    for warning in config_warnings(cfg):
+        log.warning(warning)
     train_fn = _train_fn(cfg, mesh, state, optim, replicate(images, mesh) if keep_on_device else None)
 
     # Samplers, FID evaluators, logs.
