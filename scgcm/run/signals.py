@@ -60,7 +60,16 @@ class StopSignal:
         self._exit_message = message
 
     def restore(self) -> None:
+        """The handlers from before; but after a stop signal, whose process is about to exit, a quiet
+        'exit now' handler instead: a second signal during the exit itself (JAX's atexit handlers, orbax's
+        threads) then ends it with 128 + signum and one line, not a KeyboardInterrupt traceback."""
         signal.set_wakeup_fd(self._previous_fd)
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if self.signum is None else _exit_now)
         os.close(self._write)
+
+
+def _exit_now(signum: int, _frame) -> None:
+    sys.stderr.write(f"\nsecond signal {signal.Signals(signum).name}: exiting now\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
