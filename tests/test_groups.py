@@ -239,7 +239,7 @@ def test_no_group_section_without_groups_or_with_no_group_seeds(study, tmp_path,
 
 
 def test_the_distance_is_named_by_the_network_that_measured_it(tmp_path):
-    from scgcm.run.report import Run, distance_name
+    from scgcm.run.report import Run, distance_name, evaluated_title
 
     run = lambda cfg: Run("r", tmp_path, cfg, [])
     digits = {"data": {"source": "digits"}, "fid": {"network": "auto"}}
@@ -247,6 +247,9 @@ def test_the_distance_is_named_by_the_network_that_measured_it(tmp_path):
     assert distance_name([run(digits), run({"data": {"source": None}, "fid": {"network": "auto"}})]) == "FID"
     assert distance_name([run({"data": {"source": "digits"}, "fid": {"network": "inception"}})]) == "FID"
     assert distance_name([run({})]) == "FID"  # no config.json: the standard
+    # the group plots' titles too (they said "FID" for digits runs until 2026-12-04)
+    assert evaluated_title("fid", "FID", [run(digits)]) == "digits FD" and evaluated_title("fid", "FID", [run({})]) == "FID"
+    assert evaluated_title("confident", "confident share", [run(digits)]) == "confident share"
 
 
 def test_a_recipe_names_its_group_without_the_fields_it_changes():

@@ -162,6 +162,11 @@ def distance_name(runs: list[Run]) -> str:
     return "digits FD" if runs and all(network(run) == "digits" for run in runs) else "FID"
 
 
+def evaluated_title(name: str, title: str, runs: list[Run]) -> str:
+    """An evaluation's name on the group plots: the distance named by the network that measured it."""
+    return distance_name(runs) if name == "fid" else title
+
+
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
     written = []
     colours = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -361,7 +366,8 @@ def plot_groups(runs: list[Run], groups: list[Group], out: Path) -> list[Path]:
                     count = f", {num:,} samples" if num else ""
                     points = [_points(run.evaluated(name)[mode, num]) for run in m]
                     curves.append((_seeds(g) + count, i, j, *common_curve(points)))
-            written += _band_plot(curves, f"{title}, {mode}", False, out / f"group_{name}_{mode}.png", marker="o")
+            written += _band_plot(curves, f"{evaluated_title(name, title, runs)}, {mode}", False,
+                                  out / f"group_{name}_{mode}.png", marker="o")
     return written
 
 
